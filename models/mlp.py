@@ -1,0 +1,24 @@
+"""A multi-layer perceptron: hidden sizes, activation and dropout from the config."""
+
+from torch import nn
+
+from models.registry import activation, flat_size, register
+
+
+def mlp_layers(in_features: int, hidden: list[int], output_size: int, act: str, dropout: float) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    width = in_features
+    for size in hidden:
+        layers += [nn.Linear(width, size), activation(act)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = size
+    layers.append(nn.Linear(width, output_size))
+    return layers
+
+
+@register("mlp")
+def build_mlp(input_shape: list[int], output_size: int, cfg) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), *mlp_layers(flat_size(input_shape), list(cfg.hidden), output_size, cfg.activation, cfg.dropout)
+    )

@@ -1,0 +1,98 @@
+"""`trainyard` command line: parse -> build the config -> run the flow -> print the summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from pipelines.config import PRESETS, ConfigError, TrainConfig, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainyard", description="Batch training pipelines for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    train = sub.add_parser("train", help="run the training flow once", formatter_class=fmt)
+    train.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset to start from")
+    train.add_argument("--config", default=None, help="YAML file with config sections (applied after the preset)")
+    train.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one value, e.g. --set train.epochs=3 (repeatable)",
+    )  # fmt: skip
+    train.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+    show = sub.add_parser("config", help="print a preset or file's resolved config as YAML", formatter_class=fmt)
+    show.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset")
+    show.add_argument("--config", default=None, help="YAML file")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return parser
+
+
+def print_table(summary: dict[str, Any], out=sys.stdout) -> None:
+    rows = [
+        ("MLflow run", f"{summary['mlflow_run_id']} ({summary['run_name']})"),
+        ("experiment", summary["experiment"]),
+        ("tracking URI", summary["tracking_uri"]),
+        ("task", summary["task"]),
+        ("device", summary["device"]),
+        ("best epoch", str(summary["best_epoch"])),
+        ("train seconds", f"{summary['train_seconds']:.1f}"),
+    ]
+    rows += [(k, f"{v:.4f}") for k, v in summary["test_metrics"].items() if k.count("/") == 1]
+    rows += [(f"artifact {k}", v) for k, v in summary["artifacts"].items()]
+    rows.append(("TensorBoard", summary["tensorboard_dir"]))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}", file=out)
+
+
+def configure_logging() -> None:
+    """Our INFO lines on stderr (stdout stays clean for --json); other libraries at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("trainyard").setLevel(logging.INFO)
+    # The embedded Prefect server's usage telemetry is noise here (and races on its SQLite file).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _load(args) -> TrainConfig:
+    if not args.preset and not args.config:
+        raise ConfigError("give --preset NAME or --config FILE (presets: " + ", ".join(sorted(PRESETS)) + ")")
+    return load_config(args.preset, args.config, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging()
+    try:
+        cfg = _load(args)
+    except ConfigError as exc:
+        print(f"trainyard: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config" or args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
+        return 0
+    # Our loggers' records go through Prefect's handlers (console and the run's log in the UI).
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trainyard")
+    from pipelines.flow import train_flow
+
+    try:
+        summary = train_flow(cfg)
+    except Exception as exc:
+        print(f"trainyard: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(summary, sys.stdout, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print_table(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The one typed configuration of a training run.
+
+`TrainConfig` is the flow's parameter, so the Prefect UI renders it as a form; each
+stage gets only its own section (`cfg.data`, `cfg.optim`, ...). Unknown keys and bad
+values fail here, before any work starts, with a message that lists the valid choices.
+
+Only pydantic, PyYAML and the standard library are imported at module level, so the
+training code and the benchmarks can use the config where prefect and mlflow are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.lr_lambda import LambdaExpressionError, compile_lr_lambda
+
+# The names torch.optim optimizers go by here (tasks/train.py maps them to classes). SparseAdam is
+# left out: it needs sparse gradients, which none of the registry's models produce.
+OptimizerName = Literal[
+    "sgd", "adam", "adamw", "adadelta", "adagrad", "adamax", "asgd", "lbfgs", "nadam", "radam", "rmsprop", "rprop"
+]
+SchedulerName = Literal["none", "lambda", "step", "multistep", "exponential", "cosine", "plateau", "onecycle"]
+ModelName = Literal["linear", "mlp", "cnn"]
+Activation = Literal["relu", "gelu", "tanh", "sigmoid", "leaky_relu", "silu", "elu"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: the message says which key and what was expected."""
+
+
+class Section(BaseModel):
+    # Unknown keys fail loudly; assignments are validated too (`--set` goes through them).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["mnist", "csv"] = Field("mnist", title="Source", description="Where the data comes from.")
+    path: str = Field("", title="CSV path", description="CSV file for source=csv: a local path or a file:// URI.")
+    target: str = Field("", title="Target column", description="The CSV column to predict (source=csv).")
+    features: list[str] = Field(
+        default_factory=list, title="Feature columns", description="CSV columns to use as inputs; empty means all others."
+    )
+    drop: list[str] = Field(default_factory=list, title="Columns to drop", description="CSV columns to ignore.")
+    categorical: list[str] = Field(
+        default_factory=list,
+        title="Categorical columns",
+        description="Columns to one-hot encode even when they hold numbers; text columns are categorical anyway.",
+    )
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto", title="Task type", description="auto infers it from the target column; the choice is always logged."
+    )
+    missing: Literal["impute", "drop", "error"] = Field(
+        "impute",
+        title="Missing values",
+        description="impute: training median for numbers, a '<missing>' category for text; "
+        "drop: drop rows with any missing value; error: refuse the file.",
+    )
+    max_categories: int = Field(
+        256, ge=2, le=100_000, title="Max categories", description="Refuse a categorical column with more distinct values."
+    )
+    root: str = Field("data/mnist", title="MNIST folder", description="Folder holding (or receiving) the MNIST IDX files.")
+    download: bool = Field(True, title="Download MNIST", description="Download MNIST when its files are missing.")
+    split: Literal["official", "t10k"] = Field(
+        "official",
+        title="MNIST split",
+        description="official: 60k train files (val carved out) and the 10k test files; "
+        "t10k: only the 10k test files, the first n_train to train, the rest to test.",
+    )
+    n_train: int = Field(8000, ge=1, title="t10k train rows", description="With split=t10k: rows used to train.")
+    limit: int = Field(0, ge=0, title="Row limit", description="Use only the first N training rows (0: all).")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, title="Validation share", description="Share held out for validation.")
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, title="Test share", description="Share held out for test (CSV).")
+    split_seed: int = Field(0, ge=0, title="Split seed", description="Seed of the train/val/test split.")
+
+
+class ModelConfig(Section):
+    name: ModelName = Field("mlp", title="Model", description="Architecture from the model registry.")
+    hidden: list[int] = Field(
+        default_factory=lambda: [128, 64], title="Hidden sizes", description="Hidden layer widths (mlp; the cnn's head)."
+    )
+    activation: Activation = Field("relu", title="Activation", description="Activation between layers.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, title="Dropout", description="Dropout probability after hidden layers.")
+    channels: list[int] = Field(
+        default_factory=lambda: [32, 64], title="Conv channels", description="Output channels of each conv block (cnn)."
+    )
+    kernel_size: int = Field(3, ge=1, le=15, title="Kernel size", description="Conv kernel size (cnn).")
+    batch_norm: bool = Field(False, title="Batch norm", description="BatchNorm after each conv (cnn).")
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError(f"every size must be a positive integer, got {v}")
+        return v
+
+
+class OptimConfig(Section):
+    name: OptimizerName = Field("adam", title="Optimizer", description="Any torch.optim optimizer, by name.")
+    lr: float = Field(1e-3, gt=0.0, le=100.0, title="Learning rate", description="Initial learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, title="Weight decay", description="L2 penalty / decoupled decay.")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, title="Momentum", description="Momentum for sgd and rmsprop.")
+    kwargs: dict[str, float | int | bool | list[float]] = Field(
+        default_factory=dict,
+        title="Extra arguments",
+        description="More keyword arguments for the optimizer, e.g. {'betas': [0.9, 0.99]}.",
+    )
+
+
+class ScheduleConfig(Section):
+    name: SchedulerName = Field("none", title="LR scheduler", description="torch.optim.lr_scheduler to use.")
+    lr_lambda: str = Field(
+        "0.95 ** epoch",
+        title="LambdaLR expression",
+        description="Multiplier of the initial LR as an arithmetic expression of `epoch` (lambda).",
+    )
+    step_size: int = Field(10, ge=1, title="Step size", description="Epochs between decays (step).")
+    milestones: list[int] = Field(
+        default_factory=lambda: [30, 80], title="Milestones", description="Epochs at which to decay (multistep)."
+    )
+    gamma: float = Field(0.1, gt=0.0, le=1.0, title="Gamma", description="Decay factor (step, multistep, exponential).")
+    t_max: int = Field(0, ge=0, title="T_max", description="Cosine period in epochs; 0 means the number of epochs.")
+    eta_min: float = Field(0.0, ge=0.0, title="Minimum LR", description="Floor of the cosine schedule.")
+    factor: float = Field(0.1, gt=0.0, lt=1.0, title="Plateau factor", description="LR multiplier on a plateau.")
+    patience: int = Field(3, ge=0, title="Plateau patience", description="Epochs without improvement before decaying.")
+    max_lr: float = Field(0.0, ge=0.0, title="OneCycle max LR", description="Peak LR (onecycle); 0 means optim.lr.")
+    pct_start: float = Field(0.3, gt=0.0, lt=1.0, title="OneCycle warm-up share", description="Share of steps rising.")
+
+    @model_validator(mode="after")
+    def _check_lambda(self) -> "ScheduleConfig":
+        if self.name == "lambda":
+            try:
+                compile_lr_lambda(self.lr_lambda)
+            except LambdaExpressionError as exc:
+                raise ValueError(f"schedule.lr_lambda: {exc}") from None
+        if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
+            raise ValueError(f"schedule.milestones must be increasing positive epochs, got {self.milestones}")
+        return self
+
+
+class TrainSection(Section):
+    epochs: int = Field(5, ge=1, le=10_000, title="Epochs", description="Passes over the training split.")
+    batch_size: int = Field(64, ge=1, le=1_000_000, title="Batch size", description="Training batch size.")
+    eval_batch_size: int = Field(1024, ge=1, title="Eval batch size", description="Batch size for val/test.")
+    num_workers: int = Field(0, ge=0, le=64, title="Loader workers", description="DataLoader worker processes.")
+    shuffle: bool = Field(True, title="Shuffle", description="Shuffle the training split every epoch.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", title="Device", description="auto: cuda, then mps, then cpu."
+    )
+    seed: int = Field(0, ge=0, title="Seed", description="Seed of weights, shuffling and dropout.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, title="Label smoothing", description="Multi-class only.")
+    grad_clip: float = Field(0.0, ge=0.0, title="Gradient clipping", description="Max gradient norm; 0 disables.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", title="Precision", description="auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a GradScaler."
+    )
+    progress: Literal["auto", "bar", "log"] = Field(
+        "auto", title="Progress", description="auto: a bar on a terminal, log lines otherwise."
+    )
+
+
+class TrackingConfig(Section):
+    uri: str = Field(
+        "",
+        title="MLflow tracking URI",
+        description="sqlite:///... or http://...; empty: MLFLOW_TRACKING_URI, else a SQLite file in the state folder.",
+    )
+    experiment: str = Field("trainyard", min_length=1, max_length=200, title="Experiment", description="MLflow experiment.")
+    run_name: str = Field("", max_length=200, title="Run name", description="MLflow run name; empty: generated.")
+    tensorboard: bool = Field(True, title="TensorBoard", description="Write TensorBoard event files.")
+    log_model: bool = Field(True, title="Log model", description="Log the model to MLflow with a signature.")
+
+
+class StorageConfig(Section):
+    uri: str = Field(
+        "", title="Artifact store", description="file:///path or a local folder; empty: the state folder's artifacts/."
+    )
+
+
+class TrainConfig(Section):
+    """Everything one training run needs; the flow's only parameter."""
+
+    data: DataConfig = Field(default_factory=DataConfig, title="Data")
+    model: ModelConfig = Field(default_factory=ModelConfig, title="Model")
+    optim: OptimConfig = Field(default_factory=OptimConfig, title="Optimizer")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, title="LR schedule")
+    train: TrainSection = Field(default_factory=TrainSection, title="Training")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, title="Tracking")
+    storage: StorageConfig = Field(default_factory=StorageConfig, title="Storage")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "TrainConfig":
+        if self.data.source == "csv":
+            if not self.data.path:
+                raise ValueError("data.path is required when data.source is 'csv' (a CSV file or file:// URI)")
+            if not self.data.target:
+                raise ValueError("data.target is required when data.source is 'csv' (the column to predict)")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The config as `section.key` -> value, for MLflow params and TensorBoard hparams."""
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
+        return out
+
+
+# ---- presets: functions building on the base -------------------------------------------------
+
+
+def _base() -> dict[str, Any]:
+    return {}
+
+
+def _mnist() -> dict[str, Any]:
+    cfg = _base()
+    cfg.update(
+        data={"source": "mnist", "root": "data/mnist"},
+        model={"name": "cnn", "channels": [32, 64], "hidden": [128], "dropout": 0.25},
+        optim={"name": "adam", "lr": 2e-3},
+        schedule={"name": "step", "step_size": 1, "gamma": 0.7},
+        train={"epochs": 3, "batch_size": 128},
+    )
+    return cfg
+
+
+def _csv() -> dict[str, Any]:
+    cfg = _base()
+    cfg.update(
+        data={"source": "csv"},
+        model={"name": "mlp", "hidden": [128, 64], "dropout": 0.1},
+        optim={"name": "adamw", "lr": 3e-3, "weight_decay": 1e-4},
+        schedule={"name": "plateau", "factor": 0.5, "patience": 2},
+        train={"epochs": 20, "batch_size": 128},
+    )
+    return cfg
+
+
+PRESETS = {"mnist": _mnist, "csv": _csv}
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = err["loc"][:-1]
+            valid = _valid_keys(parent)
+            msg = f"unknown key; valid keys here: {', '.join(valid)}"
+        elif err["type"] == "literal_error":
+            msg = f"got {err.get('input')!r}; {msg.replace('Input should be ', 'expected one of ')}"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _valid_keys(path: tuple) -> list[str]:
+    model: type[BaseModel] = TrainConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return sorted(TrainConfig.model_fields)
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value); the value is read as YAML (numbers, lists, bools)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=3")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"--set {item!r}: expected section.key=value; sections: {', '.join(TrainConfig.model_fields)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None:
+        value = ""
+    return parts, value
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> TrainConfig:
+    """Build a config from a preset and/or a YAML file, then the environment, then `--set` overrides.
+
+    Precedence, lowest first: defaults, preset, YAML file, MLFLOW_TRACKING_URI, --set.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
+        raw = PRESETS[preset]()
+        origin = f"preset {preset}"
+    if config_file:
+        path = Path(config_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(loaded).__name__}")
+        raw = _deep_merge(raw, loaded)
+        origin = f"{origin} + {path}" if preset else str(path)
+    if env.get("MLFLOW_TRACKING_URI"):
+        raw = _deep_merge(raw, {"tracking": {"uri": env["MLFLOW_TRACKING_URI"]}})
+    for item in overrides:
+        parts, value = parse_override(item)
+        nested: dict[str, Any] = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            nested = {part: nested}
+        raw = _deep_merge(raw, nested)
+    if overrides:
+        origin += " + --set"
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+
+
+def state_dir(env: dict[str, str] | None = None) -> Path:
+    """The state folder: TRAINYARD_HOME, default `.trainyard/` in the working directory."""
+    env = os.environ if env is None else env
+    return Path(env.get("TRAINYARD_HOME") or ".trainyard").resolve()
+
+
+def resolve_tracking_uri(cfg: TrainConfig, env: dict[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if env.get("MLFLOW_TRACKING_URI"):
+        return env["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{state_dir(env) / 'mlflow.db'}"
+
+
+def resolve_storage_uri(cfg: TrainConfig, env: dict[str, str] | None = None) -> str:
+    return cfg.storage.uri or (state_dir(env) / "artifacts").as_uri()

@@ -1,0 +1,71 @@
+"""The training flow: ingest -> train -> evaluate -> publish, one MLflow run per flow run.
+
+Only wiring lives here; the work is in pipelines/steps.py and tasks/. Retries are on
+I/O (ingest, publish), never on training itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from pipelines import steps
+from pipelines.config import TrainConfig, resolve_storage_uri, resolve_tracking_uri, state_dir
+from tasks import tracking
+
+log = logging.getLogger("trainyard.flow")
+
+# Our own cache is the content-hash keyed dataset folder; Prefect's input hashing is not needed.
+start_task = task(steps.start, name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
+ingest_task = task(steps.ingest_data, name="ingest", cache_policy=NO_CACHE)
+train_task = task(steps.train, name="train", cache_policy=NO_CACHE)
+evaluate_task = task(steps.evaluate, name="evaluate", cache_policy=NO_CACHE)
+publish_task = task(steps.publish, name="publish", cache_policy=NO_CACHE)
+
+
+@flow(name="trainyard-train", validate_parameters=True)
+def train_flow(cfg: TrainConfig = TrainConfig()) -> dict[str, Any]:
+    """Train, evaluate and publish one model as the config says; return the run's summary."""
+    state = state_dir()
+    tracking_uri = resolve_tracking_uri(cfg)
+    storage_uri = resolve_storage_uri(cfg)
+    run_id = start_task(cfg, tracking_uri, str(flow_run.id or ""))
+    run_name = tracking.run_name_of(tracking_uri, run_id)
+    run_dir = state / "runs" / run_id
+    tb_dir = state / "tensorboard" / tracking.safe_name(cfg.tracking.experiment) / f"{tracking.safe_name(run_name)}-{run_id[:8]}"
+    log.info("MLflow run %s (%s) at %s", run_id, run_name, tracking_uri)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dataset = ingest_task(cfg, state, tracking_uri, run_id)
+        result = train_task(cfg, dataset["path"], tracking_uri, run_id, str(run_dir), str(tb_dir))
+        evaluation = evaluate_task(cfg, dataset["path"], result["checkpoint"], str(run_dir))
+        artifacts = publish_task(
+            cfg, dataset["path"], result["checkpoint"], evaluation, tracking_uri, run_id, storage_uri, str(run_dir), str(tb_dir)
+        )
+    except BaseException:
+        tracking.end_run(tracking_uri, run_id, "FAILED")
+        raise
+    tracking.end_run(tracking_uri, run_id, "FINISHED")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the published weights are the record now
+    return {
+        "mlflow_run_id": run_id,
+        "run_name": run_name,
+        "experiment": cfg.tracking.experiment,
+        "tracking_uri": tracking_uri,
+        "task": evaluation["task"],
+        "test_metrics": evaluation["metrics"],
+        "best_epoch": result["best_epoch"],
+        "device": result["device"],
+        "train_seconds": round(result["seconds"], 3),
+        "dataset": {"key": dataset["key"], "content_hash": dataset["content_hash"], "reused": dataset["reused"], "path": dataset["path"]},
+        "artifacts": artifacts["store"],
+        "artifact_sha256": artifacts["sha256"],
+        "mlflow_model_uri": artifacts["mlflow_model"],
+        "tensorboard_dir": str(tb_dir),
+    }

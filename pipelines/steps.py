@@ -1,0 +1,170 @@
+"""The flow's steps as plain functions of small inputs (config sections, paths, run ids).
+
+Each step opens what it needs (the prepared dataset, a tracker) from those inputs, so
+no live model, optimizer or loader crosses a task boundary. pipelines/flow.py wraps
+them as Prefect tasks; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.config import TrainConfig
+from tasks import tracking
+from tasks.evaluate import evaluate_model
+from tasks.ingest import ingest
+from tasks.prepared import SCHEMA_FILE, load_prepared
+from tasks.storage import open_store
+from tasks.train import load_weights, train_model
+
+log = logging.getLogger("trainyard.flow")
+
+
+def git_sha() -> str:
+    """The code version: TRAINYARD_GIT_SHA (set in images), else `git rev-parse HEAD`, else ''."""
+    if os.environ.get("TRAINYARD_GIT_SHA"):
+        return os.environ["TRAINYARD_GIT_SHA"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
+            cwd=Path(__file__).resolve().parent,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("trainyard", "torch", "torchvision", "torchmetrics", "mlflow", "prefect"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def start(cfg: TrainConfig, tracking_uri: str, flow_run_id: str = "") -> str:
+    """Open the MLflow run: the flattened config as params; flow run, code and package versions as tags."""
+    tags = {"trainyard.source": cfg.data.source, "trainyard.model": cfg.model.name}
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+    sha = git_sha()
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+    tags.update({f"version.{k}": v for k, v in versions().items()})
+    run_id = tracking.start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, tags)
+    tracking.MlflowTracker(tracking_uri, run_id).log_params(cfg.flat())
+    return run_id
+
+
+def ingest_data(cfg: TrainConfig, state: Path, tracking_uri: str, run_id: str) -> dict[str, Any]:
+    ref = ingest(cfg.data, state)
+    tracking.set_tags(tracking_uri, run_id, {"data.hash": ref["content_hash"], "data.key": ref["key"]})
+    schema = load_prepared_schema(ref["path"])
+    tracking.MlflowTracker(tracking_uri, run_id).log_params(
+        {
+            "dataset.task": schema["task"],
+            "dataset.n_classes": schema["n_classes"],
+            "dataset.input_shape": schema["input_shape"],
+            **{f"dataset.n_{k}": v for k, v in schema["split_sizes"].items()},
+        }
+    )
+    log.info("task type: %s (%s)", schema["task"], schema.get("task_reason", ""))
+    return ref
+
+
+def load_prepared_schema(path: str) -> dict[str, Any]:
+    return json.loads((Path(path) / SCHEMA_FILE).read_text(encoding="utf-8"))
+
+
+def _trackers(cfg: TrainConfig, tracking_uri: str, run_id: str, tb_dir: str) -> tracking.Tracker:
+    tb = tracking.TensorBoardTracker(tb_dir) if cfg.tracking.tensorboard else None
+    return tracking.MultiTracker(tracking.MlflowTracker(tracking_uri, run_id), tb)
+
+
+def train(cfg: TrainConfig, dataset_path: str, tracking_uri: str, run_id: str, run_dir: str, tb_dir: str) -> dict[str, Any]:
+    prepared = load_prepared(dataset_path)
+    with _trackers(cfg, tracking_uri, run_id, tb_dir) as tracker:
+        if cfg.tracking.tensorboard:
+            tracker.log_text("config", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        result = train_model(
+            prepared, cfg.model, cfg.optim, cfg.schedule, cfg.train, Path(run_dir) / "checkpoints", on_epoch=lambda e, m: tracker.log_metrics(m, e)
+        )
+    tracking.set_tags(tracking_uri, run_id, {"train.device": result.device, "train.precision": result.precision})
+    return result.to_dict()
+
+
+def evaluate(cfg: TrainConfig, dataset_path: str, checkpoint: str, run_dir: str) -> dict[str, Any]:
+    return evaluate_model(
+        load_prepared(dataset_path), cfg.model, checkpoint, Path(run_dir) / "eval",
+        device=cfg.train.device, precision=cfg.train.precision, batch_size=cfg.train.eval_batch_size,
+    )  # fmt: skip
+
+
+def publish(
+    cfg: TrainConfig,
+    dataset_path: str,
+    checkpoint: str,
+    evaluation: dict[str, Any],
+    tracking_uri: str,
+    run_id: str,
+    storage_uri: str,
+    run_dir: str,
+    tb_dir: str,
+) -> dict[str, Any]:
+    """Metrics and reports to MLflow and TensorBoard; weights, schema and metrics to the artifact store."""
+    import numpy as np
+    import torch
+
+    from models import build_model
+    from tasks.data import features
+
+    run_dir_p = Path(run_dir)
+    metrics = evaluation["metrics"]
+    files = dict(evaluation["files"])
+    config_path = run_dir_p / "config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
+    schema_path = run_dir_p / "schema.json"
+    shutil.copyfile(Path(dataset_path) / SCHEMA_FILE, schema_path)
+    weights_path = run_dir_p / "model_state.pt"
+    state = load_weights(checkpoint)
+    torch.save(state["model_state"], weights_path)
+
+    with _trackers(cfg, tracking_uri, run_id, tb_dir) as tracker:
+        tracker.log_metrics(metrics, step=cfg.train.epochs)
+        if "confusion_matrix_png" in files:
+            tracker.log_image("test/confusion_matrix", files["confusion_matrix_png"], step=cfg.train.epochs)
+    tracking.log_artifacts(
+        tracking_uri, run_id, {k: v for k, v in files.items() if k != "confusion_matrix_png"}, artifact_path="evaluation"
+    )
+    tracking.log_artifacts(tracking_uri, run_id, {"config": str(config_path), "schema": str(schema_path)})
+
+    store = open_store(storage_uri)
+    prefix = f"{tracking.safe_name(cfg.tracking.experiment)}/{run_id}"
+    manifest = store.publish(
+        prefix,
+        {"model_state.pt": str(weights_path), "schema.json": str(schema_path), "metrics.json": files["metrics_json"]},
+    )
+    tracking.set_tags(tracking_uri, run_id, {"artifacts.uri": f"{store.uri}/{prefix}"})
+
+    model_uri = ""
+    if cfg.tracking.log_model:
+        prepared = load_prepared(dataset_path)
+        model = build_model(cfg.model.name, prepared.schema, cfg.model)
+        model.load_state_dict(state["model_state"])
+        example = features(prepared, "test")[:2].numpy().astype(np.float32)
+        reqs = [f"{k}=={v}" for k, v in versions().items() if k in ("torch", "torchvision")]
+        model_uri = tracking.log_torch_model(tracking_uri, run_id, model, example, reqs)
+    return {"store": {k: v["uri"] for k, v in manifest.items()}, "sha256": {k: v["sha256"] for k, v in manifest.items()}, "mlflow_model": model_uri}
+

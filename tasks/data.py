@@ -1,0 +1,82 @@
+"""Data stage: Datasets and DataLoaders over a prepared dataset's tensors.
+
+The tensors are converted once when loaded (uint8 images scaled and normalised to
+float32); a batch is cut by indexing those tensors, never by building samples from
+pandas rows. `__getitems__` lets the DataLoader fetch a whole batch with one index
+operation instead of one `__getitem__` call and a collate per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.prepared import Prepared
+
+
+def features(prepared: Prepared, split: str) -> torch.Tensor:
+    """The split's inputs as float32, normalised as the schema says."""
+    x = prepared.tensors[f"x_{split}"]
+    norm = prepared.schema.get("normalize")
+    if norm:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(norm["mean"], dtype=torch.float32).view(shape)
+        std = torch.tensor(norm["std"], dtype=torch.float32).view(shape)
+        return (x.to(torch.float32) * norm["scale"] - mean) / std
+    return x.to(torch.float32)
+
+
+class TensorSplit(Dataset):
+    """One split of a prepared dataset, held as tensors."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"inputs have {x.shape[0]} rows but targets {y.shape[0]}")
+        self.x, self.y = x, y
+
+    @classmethod
+    def from_prepared(cls, prepared: Prepared, split: str) -> "TensorSplit":
+        return cls(features(prepared, split), prepared.tensors[f"y_{split}"])
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return [self.x.index_select(0, idx), self.y.index_select(0, idx)]
+
+
+def _as_batch(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    # __getitems__ already returns [inputs, targets]; a dataset without it gives (x, y) samples.
+    if isinstance(batch[0], tuple):
+        xs, ys = zip(*batch)
+        return torch.stack(xs), torch.stack(ys)
+    return batch[0], batch[1]
+
+
+def make_loader(
+    dataset: TensorSplit,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=_as_batch,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )

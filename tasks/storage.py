@@ -1,0 +1,99 @@
+"""Artifact stores, chosen by URI: `file://...` (or a plain folder) today.
+
+A run's artifacts are published as one unit under `<experiment>/<run-id>/`: every file
+with its sha256 in a `manifest.json`. The local store builds the unit in a temporary
+folder and renames it into place, so a reader sees all of it or none of it; a failed
+publish leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+from tasks.errors import DataError
+from tasks.prepared import sha256_file
+
+MANIFEST = "manifest.json"
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the store (absolute paths, `..`, empty parts)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key or "\x00" in key:
+        raise StorageError(f"artifact key {key!r} is not allowed: expected relative names without '..' or empty parts")
+    return key
+
+
+class ArtifactStore(Protocol):
+    uri: str
+
+    def publish(self, prefix: str, files: dict[str, str]) -> dict[str, dict[str, str]]:
+        """Store `files` (name -> local path) under `prefix` as one unit; return name -> {uri, sha256}."""
+
+    def fetch(self, key: str, dest: str | os.PathLike) -> Path:
+        """Copy the object at `key` to `dest`, verifying its sha256."""
+
+    def exists(self, key: str) -> bool: ...
+
+
+class LocalStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        self.uri = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def publish(self, prefix: str, files: dict[str, str]) -> dict[str, dict[str, str]]:
+        final = self._path(prefix)
+        if final.exists():
+            raise StorageError(f"artifacts already published at {final.as_uri()}; refusing to overwrite them")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+        try:
+            manifest: dict[str, dict[str, str]] = {}
+            for name, src in files.items():
+                check_key(name)
+                dest = staging / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest)
+                manifest[name] = {"uri": (final / name).as_uri(), "sha256": sha256_file(dest)}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+            os.rename(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return manifest
+
+    def fetch(self, key: str, dest: str | os.PathLike) -> Path:
+        src = self._path(key)
+        prefix, _, name = key.rpartition("/")
+        manifest_path = self._path(f"{prefix}/{MANIFEST}") if prefix else self.root / MANIFEST
+        expected = json.loads(manifest_path.read_text(encoding="utf-8")).get(name, {}).get("sha256")
+        actual = sha256_file(src)
+        if expected != actual:
+            raise StorageError(f"{src.as_uri()}: sha256 {actual} does not match the manifest's {expected}")
+        dest = Path(dest)
+        shutil.copyfile(src, dest)
+        return dest
+
+
+def open_store(uri: str) -> ArtifactStore:
+    if uri.startswith("file://"):
+        return LocalStore(unquote(urlparse(uri).path))
+    if "://" not in uri:
+        return LocalStore(uri)
+    scheme = uri.split("://", 1)[0]
+    raise DataError(f"storage.uri {uri!r}: unsupported scheme {scheme}://; use file:///path or a local folder")

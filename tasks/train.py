@@ -1,0 +1,383 @@
+"""Train stage: one readable loop, with device and precision decided once at the top.
+
+`train_model` is a plain function of a prepared dataset and the config sections it
+needs; the Prefect task in pipelines/ only wires it. The best checkpoint (by the
+validation metric) is written atomically and its path returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import build_model
+from tasks.data import TensorSplit, make_loader
+from tasks.errors import TrainingError
+from tasks.lr_lambda import compile_lr_lambda
+from tasks.prepared import Prepared
+
+log = logging.getLogger("trainyard.train")
+
+OPTIMIZER_CLASSES = {
+    "sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adadelta": "Adadelta", "adagrad": "Adagrad",
+    "adamax": "Adamax", "asgd": "ASGD", "lbfgs": "LBFGS", "nadam": "NAdam", "radam": "RAdam",
+    "rmsprop": "RMSprop", "rprop": "Rprop",
+}  # fmt: skip
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str
+    best_epoch: int
+    best_metric: float
+    monitor: str
+    device: str
+    precision: str
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- device and precision: decided once ---------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TrainingError("train.device is 'mps' but MPS is not available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name in ("bf16", "fp16") and device.type != "cuda":
+        log.warning("train.precision=%s needs CUDA; training in fp32 on %s", name, device.type)
+        return "fp32"
+    return name
+
+
+def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- loss, optimizer, scheduler ---------------------------------------------------------------
+
+
+def loss_for(schema: dict[str, Any], label_smoothing: float = 0.0) -> nn.Module:
+    """CrossEntropy for multi-class, BCEWithLogits for binary, MSE for regression."""
+    if schema["task"] == "regression":
+        return nn.MSELoss()
+    if schema.get("binary"):
+        return nn.BCEWithLogitsLoss()
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def build_optimizer(params: Iterable[nn.Parameter], optim_cfg) -> torch.optim.Optimizer:
+    if optim_cfg.name not in OPTIMIZER_CLASSES:
+        raise TrainingError(f"unknown optimizer {optim_cfg.name!r}; valid: {', '.join(sorted(OPTIMIZER_CLASSES))}")
+    cls = getattr(torch.optim, OPTIMIZER_CLASSES[optim_cfg.name])
+    kwargs: dict[str, Any] = {"lr": optim_cfg.lr}
+    if optim_cfg.weight_decay and optim_cfg.name not in ("lbfgs", "rprop"):
+        kwargs["weight_decay"] = optim_cfg.weight_decay
+    if optim_cfg.momentum and optim_cfg.name in ("sgd", "rmsprop"):
+        kwargs["momentum"] = optim_cfg.momentum
+    extra = {k: tuple(v) if isinstance(v, list) else v for k, v in optim_cfg.kwargs.items()}
+    kwargs.update(extra)
+    try:
+        return cls(params, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"optimizer {optim_cfg.name!r} refused its arguments {kwargs}: {exc}") from None
+
+
+@dataclass
+class Schedule:
+    scheduler: Any
+    when: str  # "epoch", "batch", "plateau" or "none"
+
+    def step_batch(self) -> None:
+        if self.when == "batch":
+            self.scheduler.step()
+
+    def step_epoch(self, val_metric: float) -> None:
+        if self.when == "epoch":
+            self.scheduler.step()
+        elif self.when == "plateau":
+            self.scheduler.step(val_metric)
+
+
+def build_scheduler(optimizer, sched_cfg, optim_cfg, epochs: int, steps_per_epoch: int, maximize: bool) -> Schedule:
+    S = torch.optim.lr_scheduler
+    name = sched_cfg.name
+    if name == "none":
+        return Schedule(None, "none")
+    if name == "lambda":
+        return Schedule(S.LambdaLR(optimizer, compile_lr_lambda(sched_cfg.lr_lambda)), "epoch")
+    if name == "step":
+        return Schedule(S.StepLR(optimizer, step_size=sched_cfg.step_size, gamma=sched_cfg.gamma), "epoch")
+    if name == "multistep":
+        return Schedule(S.MultiStepLR(optimizer, milestones=list(sched_cfg.milestones), gamma=sched_cfg.gamma), "epoch")
+    if name == "exponential":
+        return Schedule(S.ExponentialLR(optimizer, gamma=sched_cfg.gamma), "epoch")
+    if name == "cosine":
+        t_max = sched_cfg.t_max or epochs
+        return Schedule(S.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=sched_cfg.eta_min), "epoch")
+    if name == "plateau":
+        mode = "max" if maximize else "min"
+        sched = S.ReduceLROnPlateau(optimizer, mode=mode, factor=sched_cfg.factor, patience=sched_cfg.patience)
+        return Schedule(sched, "plateau")
+    if name == "onecycle":
+        max_lr = sched_cfg.max_lr or optim_cfg.lr
+        sched = S.OneCycleLR(
+            optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=sched_cfg.pct_start
+        )
+        return Schedule(sched, "batch")
+    raise TrainingError(
+        f"unknown scheduler {name!r}; valid: none, lambda, step, multistep, exponential, cosine, plateau, onecycle"
+    )
+
+
+# ---- forward helpers ------------------------------------------------------------------------
+
+
+def _shape_output(out: torch.Tensor, schema: dict[str, Any]) -> torch.Tensor:
+    # Binary and regression heads have one output; their losses want shape [N].
+    return out.squeeze(-1) if schema["output_size"] == 1 else out
+
+
+def is_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+@dataclass
+class EvalOutput:
+    loss: float
+    outputs: torch.Tensor  # float32 on the CPU
+    targets: torch.Tensor
+
+
+@torch.no_grad()
+def evaluate_split(model, loader, loss_fn, schema, device, precision, channels_last: bool = False) -> EvalOutput:
+    """Loss, outputs and targets over a split: model.eval() and no_grad(), read once at the end."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    outs, targets = [], []
+    n = 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_ctx(device, precision):
+            out = _shape_output(model(x), schema)
+        out = out.float()
+        total += loss_fn(out, y) * y.shape[0]
+        n += y.shape[0]
+        outs.append(out)
+        targets.append(y)
+    return EvalOutput(
+        loss=float(total.item() / max(n, 1)),
+        outputs=torch.cat(outs).cpu() if outs else torch.empty(0),
+        targets=torch.cat(targets).cpu() if targets else torch.empty(0),
+    )
+
+
+def predictions(outputs: torch.Tensor, schema: dict[str, Any]) -> torch.Tensor:
+    if schema.get("binary"):
+        return (outputs > 0).long()
+    return outputs.argmax(dim=-1)
+
+
+def val_metric(ev: EvalOutput, schema: dict[str, Any]) -> tuple[str, float]:
+    if schema["task"] == "classification":
+        correct = (predictions(ev.outputs, schema) == ev.targets.long()).float().mean()
+        return "val/accuracy", float(correct)
+    return "val/loss", ev.loss
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+def _progress(loader, epoch: int, epochs: int, mode: str):
+    use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+    if not use_bar:
+        return loader, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", leave=False, file=sys.stderr, unit="batch")
+    return bar, bar
+
+
+def train_model(
+    prepared: Prepared,
+    model_cfg,
+    optim_cfg,
+    sched_cfg,
+    train_cfg,
+    out_dir: str | os.PathLike,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    schema = prepared.schema
+    out_dir = Path(out_dir)
+    seed_everything(train_cfg.seed)
+    device = pick_device(train_cfg.device)
+    precision = pick_precision(getattr(train_cfg, "precision", "auto"), device)
+    model = build_model(model_cfg.name, schema, model_cfg).to(device)
+    channels_last = device.type == "cuda" and is_conv(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    train_ds = TensorSplit.from_prepared(prepared, "train")
+    val_ds = TensorSplit.from_prepared(prepared, "val")
+    pin = device.type == "cuda"
+    train_loader = make_loader(
+        train_ds, train_cfg.batch_size, shuffle=train_cfg.shuffle, num_workers=train_cfg.num_workers,
+        seed=train_cfg.seed, pin_memory=pin,
+    )  # fmt: skip
+    val_loader = make_loader(val_ds, train_cfg.eval_batch_size, shuffle=False, num_workers=0, pin_memory=pin)
+
+    loss_fn = loss_for(schema, train_cfg.label_smoothing if schema["task"] == "classification" else 0.0)
+    eval_loss_fn = loss_for(schema)
+    optimizer = build_optimizer(model.parameters(), optim_cfg)
+    maximize = schema["task"] == "classification"
+    schedule = build_scheduler(optimizer, sched_cfg, optim_cfg, train_cfg.epochs, len(train_loader), maximize)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    is_lbfgs = optim_cfg.name == "lbfgs"
+
+    monitor = "val/accuracy" if maximize else "val/loss"
+    best = -math.inf if maximize else math.inf
+    best_epoch = 0
+    best_path = out_dir / "best.pt"
+    history: list[dict[str, float]] = []
+    log.info(
+        "training %s on %s (%s) for %d epochs: %d train / %d val rows",
+        model_cfg.name, device, precision, train_cfg.epochs, len(train_ds), len(val_ds),
+    )  # fmt: skip
+    start = time.perf_counter()
+    for epoch in range(1, train_cfg.epochs + 1):
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        total = torch.zeros((), device=device)  # summed on the device, read once per epoch
+        seen = 0
+        batches, bar = _progress(train_loader, epoch, train_cfg.epochs, train_cfg.progress)
+        for x, y in batches:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if is_lbfgs:
+
+                def closure() -> torch.Tensor:
+                    optimizer.zero_grad(set_to_none=True)
+                    batch_loss = loss_fn(_shape_output(model(x), schema).float(), y)
+                    batch_loss.backward()
+                    return batch_loss
+
+                loss = optimizer.step(closure)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                with autocast_ctx(device, precision):
+                    out = _shape_output(model(x), schema)
+                loss = loss_fn(out.float(), y)
+                scaler.scale(loss).backward()
+                if train_cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            schedule.step_batch()
+            total += loss.detach() * y.shape[0]
+            seen += y.shape[0]
+        if bar is not None:
+            bar.close()
+        train_loss = float(total.item() / max(seen, 1))
+        if not math.isfinite(train_loss):
+            raise TrainingError(
+                f"training loss became {train_loss} in epoch {epoch}; lower optim.lr "
+                f"(now {optim_cfg.lr}) or set train.grad_clip"
+            )
+        ev = evaluate_split(model, val_loader, eval_loss_fn, schema, device, precision, channels_last)
+        if not math.isfinite(ev.loss):
+            raise TrainingError(f"validation loss became {ev.loss} in epoch {epoch}; lower optim.lr (now {optim_cfg.lr})")
+        metrics = {"train/loss": train_loss, "val/loss": ev.loss, "lr": lr}
+        name, value = val_metric(ev, schema)
+        metrics[name] = value
+        schedule.step_epoch(value)
+        improved = value > best if maximize else value < best
+        if improved:
+            best, best_epoch = value, epoch
+            atomic_save(
+                {"model_state": model.state_dict(), "epoch": epoch, "monitor": monitor, "metric": value,
+                 "dataset_key": schema.get("key", ""), "model": model_cfg.model_dump()},
+                best_path,
+            )  # fmt: skip
+        history.append({"epoch": epoch, **metrics})
+        log.info(
+            "epoch %d/%d  train/loss %.4f  val/loss %.4f  %s %.4f  lr %.3g%s",
+            epoch, train_cfg.epochs, train_loss, ev.loss, name, value, lr, "  (best)" if improved else "",
+        )  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    return TrainResult(
+        checkpoint=str(best_path),
+        best_epoch=best_epoch,
+        best_metric=best,
+        monitor=monitor,
+        device=str(device),
+        precision=precision,
+        seconds=time.perf_counter() - start,
+        history=history,
+    )
