@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_table(summary: dict[str, Any], out=sys.stdout) -> None:
+def print_table(summary: dict[str, Any], out=None) -> None:
+    out = out or sys.stdout
     rows = [
         ("MLflow run", f"{summary['mlflow_run_id']} ({summary['run_name']})"),
         ("experiment", summary["experiment"]),

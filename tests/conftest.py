@@ -1,0 +1,98 @@
+"""Shared fixtures: a private state folder per test, tiny CSV and IDX files written by the tests."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(autouse=True)
+def state_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own TRAINYARD_HOME, and no MLFLOW_TRACKING_URI from the outside."""
+    home = tmp_path / "state"
+    monkeypatch.setenv("TRAINYARD_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """Write an IDX file of unsigned bytes (the MNIST format)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + array.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic 28x28 'digits': each class lights up its own horizontal band, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n).astype(np.uint8)
+    images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row = 2 + int(label) * 2
+        images[i, row : row + 2, 2 + label : 18 + label] = 230  # bands do not overlap
+    return images, labels
+
+
+def write_mnist(root: Path, n_train: int = 300, n_test: int = 100, gz: bool = True, raw_layout: bool = False) -> Path:
+    folder = root / "MNIST" / "raw" if raw_layout else root
+    suffix = ".gz" if gz else ""
+    x, y = make_digits(n_train, 1)
+    write_idx(folder / f"train-images-idx3-ubyte{suffix}", x, gz)
+    write_idx(folder / f"train-labels-idx1-ubyte{suffix}", y, gz)
+    x, y = make_digits(n_test, 2)
+    write_idx(folder / f"t10k-images-idx3-ubyte{suffix}", x, gz)
+    write_idx(folder / f"t10k-labels-idx1-ubyte{suffix}", y, gz)
+    return root
+
+
+@pytest.fixture
+def mnist_root(tmp_path) -> Path:
+    return write_mnist(tmp_path / "mnist")
+
+
+def separable_frame(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    """Two clear classes from two numbers and a colour; a little missing data."""
+    rng = np.random.default_rng(seed)
+    colour = rng.choice(["red", "green", "blue"], size=n)
+    x1 = rng.normal(size=n)
+    x2 = rng.normal(size=n)
+    score = 2.0 * x1 - x2 + np.where(colour == "red", 2.0, -0.5)
+    label = np.where(score > 0, "yes", "no")
+    df = pd.DataFrame({"x1": x1, "x2": x2, "colour": colour, "id": np.arange(n), "label": label})
+    df.loc[5, "x1"] = np.nan
+    df.loc[7, "colour"] = None
+    return df
+
+
+@pytest.fixture
+def toy_csv(tmp_path) -> Path:
+    path = tmp_path / "toy.csv"
+    separable_frame().to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API (SQLite) for all flow tests."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from tests
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,113 @@
+import pytest
+
+from pipelines.config import (
+    ConfigError,
+    TrainConfig,
+    load_config,
+    resolve_storage_uri,
+    resolve_tracking_uri,
+    state_dir,
+)
+
+
+def test_presets_load_and_differ():
+    mnist = load_config("mnist")
+    csv = load_config("csv", overrides=["data.path=x.csv", "data.target=y"])
+    assert mnist.data.source == "mnist" and mnist.model.name == "cnn"
+    assert csv.data.source == "csv" and csv.model.name == "mlp" and csv.schedule.name == "plateau"
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epochs: 7\n  batch_size: 32\noptim:\n  name: sgd\n  lr: 0.1\n")
+    cfg = load_config("mnist", path, ["train.epochs=2", "model.hidden=[16, 8]", "optim.kwargs={nesterov: true, momentum: 0.9}"])
+    assert cfg.train.epochs == 2  # --set wins over the file
+    assert cfg.train.batch_size == 32  # the file wins over the preset
+    assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.1
+    assert cfg.model.hidden == [16, 8]
+    assert cfg.optim.kwargs == {"nesterov": True, "momentum": 0.9}
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config("mnist", overrides=["train.epoch=3"])
+    msg = str(err.value)
+    assert "train.epoch: unknown key" in msg and "epochs" in msg and "batch_size" in msg
+
+
+def test_unknown_section_lists_sections(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config_file=path)
+    assert "trainer: unknown key" in str(err.value) and "optim" in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("model.name=resnet", ["'linear'", "'mlp'", "'cnn'"]),
+        ("optim.name=adamm", ["'adam'", "'sgd'", "'rmsprop'"]),
+        ("schedule.name=warmup", ["'step'", "'onecycle'", "'plateau'"]),
+        ("train.device=tpu", ["'cuda'", "'cpu'"]),
+    ],
+)
+def test_bad_choice_lists_valid_choices(override, names):
+    with pytest.raises(ConfigError) as err:
+        load_config("mnist", overrides=[override])
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_bad_values_fail_before_work():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config("mnist", overrides=["train.epochs=0"])
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config("mnist", overrides=["optim.lr=-1"])
+    with pytest.raises(ConfigError, match="schedule.lr_lambda"):
+        load_config("mnist", overrides=["schedule.name=lambda", "schedule.lr_lambda=__import__('os')"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config("mnist", overrides=["epochs"])
+    with pytest.raises(ConfigError, match="unknown preset 'mnsit'; valid presets: csv, mnist"):
+        load_config("mnsit")
+
+
+def test_csv_needs_path_and_target():
+    with pytest.raises(ConfigError, match="data.path is required"):
+        load_config("csv")
+    with pytest.raises(ConfigError, match="data.target is required"):
+        load_config("csv", overrides=["data.path=a.csv"])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(config_file=tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(config_file=bad)
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "home"))
+    cfg = load_config("mnist", env={})
+    assert resolve_tracking_uri(cfg, env={"TRAINYARD_HOME": str(tmp_path / "home")}) == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert load_config("mnist", env=env).tracking.uri == "http://mlflow:5000"  # env overrides the preset
+    assert resolve_tracking_uri(TrainConfig(), env=env) == "http://mlflow:5000"
+    # an explicit --set still wins over the environment
+    assert load_config("mnist", overrides=["tracking.uri=sqlite:///x.db"], env=env).tracking.uri == "sqlite:///x.db"
+
+
+def test_state_dir_and_storage_default(tmp_path):
+    assert state_dir({"TRAINYARD_HOME": str(tmp_path / "h")}) == tmp_path / "h"
+    assert state_dir({}).name == ".trainyard"
+    assert resolve_storage_uri(TrainConfig(), {"TRAINYARD_HOME": str(tmp_path / "h")}) == (tmp_path / "h" / "artifacts").as_uri()
+
+
+def test_flat_params_are_stable_keys():
+    flat = TrainConfig().flat()
+    for key in ("data.path", "data.target", "data.root", "model.name", "optim.name", "optim.lr", "schedule.name",
+                "train.epochs", "train.batch_size", "train.device", "train.seed", "tracking.uri", "storage.uri"):  # fmt: skip
+        assert key in flat
+    assert flat["model.hidden"] == "[128, 64]"

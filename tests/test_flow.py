@@ -1,0 +1,152 @@
+"""Whole-flow runs under a temporary Prefect API: what lands in MLflow, TensorBoard and the artifact store."""
+
+import hashlib
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.cli import main
+from pipelines.config import load_config, resolve_tracking_uri
+from tasks.errors import DataError, TrainingError
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def csv_config(path, *extra):
+    return load_config("csv", overrides=[f"data.path={path}", "data.target=label", "data.drop=[id]", "train.epochs=10", *extra])
+
+
+def tb_events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_csv_flow_lands_everywhere(toy_csv, state_home):
+    from pipelines.flow import train_flow
+
+    cfg = csv_config(toy_csv)
+    summary = train_flow(cfg)
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert summary["tracking_uri"] == f"sqlite:///{state_home / 'mlflow.db'}"
+    # params: the flattened config, plus what ingest inferred
+    params = run.data.params
+    assert params["data.target"] == "label" and params["model.name"] == "mlp" and params["train.epochs"] == "10"
+    assert params["dataset.task"] == "classification"
+    # per-epoch metrics and the test metrics
+    for key in ("train/loss", "val/loss", "val/accuracy", "lr"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, 11)), key
+    assert run.data.metrics["test/accuracy"] == pytest.approx(summary["test_metrics"]["test/accuracy"])
+    assert summary["test_metrics"]["test/accuracy"] > 0.9
+    # tags: where the run came from
+    tags = run.data.tags
+    assert tags["data.hash"] == summary["dataset"]["content_hash"]
+    assert tags["prefect.flow_run_id"]
+    assert tags["version.torch"].startswith("2.")
+    # artifacts in MLflow
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "schema.json", "evaluation", "plots"} <= names
+    evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.csv", "evaluation/classification_report.txt", "evaluation/metrics.json"} <= evaluation
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/confusion_matrix.png"]
+    # the logged model loads and predicts with its signature's shape
+    import mlflow.pytorch
+    import torch
+
+    model = mlflow.pytorch.load_model(summary["mlflow_model_uri"])
+    width = json.loads(Path(summary["dataset"]["path"], "schema.json").read_text())["input_shape"][0]
+    assert model(torch.zeros(3, width)).shape == (3, 1)
+    # TensorBoard: same scalars, the learning rate and the confusion matrix image
+    acc = tb_events(Path(summary["tensorboard_dir"]))
+    scalars = acc.Tags()["scalars"]
+    assert {"train/loss", "val/loss", "val/accuracy", "lr", "test/accuracy"} <= set(scalars)
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 11))
+    assert "test/confusion_matrix" in acc.Tags()["images"]
+    # the artifact store: weights, schema and metrics, each with its sha256
+    assert set(summary["artifacts"]) == {"model_state.pt", "schema.json", "metrics.json"}
+    for name, uri in summary["artifacts"].items():
+        path = Path(urlparse(uri).path)
+        assert f"/trainyard/{run.info.run_id}/" in uri
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == summary["artifact_sha256"][name]
+    state = torch.load(Path(urlparse(summary["artifacts"]["model_state.pt"]).path), weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_mnist_flow_on_small_idx_files(tmp_path, state_home):
+    from pipelines.flow import train_flow
+    from tests.conftest import write_mnist
+
+    mnist_root = write_mnist(tmp_path / "mnist", n_train=1500, n_test=200)
+
+    cfg = load_config("mnist", overrides=[f"data.root={mnist_root}", "train.epochs=4", "train.batch_size=32", "model.channels=[8, 16]", "model.hidden=[32]"])
+    summary = train_flow(cfg)
+    run = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "cnn"
+    assert summary["test_metrics"]["test/accuracy"] > 0.9  # the synthetic digits are easy
+    cm = Path(state_home / "runs" / summary["mlflow_run_id"] / "eval" / "confusion_matrix.csv").read_text().splitlines()
+    assert cm[0].split(",")[1:] == [str(i) for i in range(10)]
+    # a second run reuses the prepared dataset
+    again = train_flow(cfg)
+    assert again["dataset"]["reused"] and again["dataset"]["key"] == summary["dataset"]["key"]
+
+
+def runs_of(state_home, experiment="trainyard"):
+    client = MlflowClient(f"sqlite:///{state_home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id])
+
+
+def test_bad_data_marks_the_run_failed_and_publishes_nothing(tmp_path, state_home):
+    from pipelines.flow import train_flow
+
+    path = tmp_path / "one.csv"
+    pd.DataFrame({"a": np.arange(40.0), "id": np.arange(40), "label": ["x"] * 40}).to_csv(path, index=False)
+    with pytest.raises(DataError, match="only one class"):
+        train_flow(csv_config(path))
+    (run,) = runs_of(state_home)
+    assert run.info.status == "FAILED"
+    assert not (state_home / "artifacts" / "trainyard" / run.info.run_id).exists()
+
+
+def test_diverging_training_marks_the_run_failed(tmp_path, state_home):
+    from pipelines.flow import train_flow
+
+    path = tmp_path / "reg.csv"
+    x = np.linspace(0, 1, 200)
+    pd.DataFrame({"a": x, "id": 0, "label": x**2 * 1e3}).to_csv(path, index=False)
+    cfg = csv_config(path, "optim.name=sgd", "optim.lr=100", "schedule.name=none", "train.epochs=30")
+    with pytest.raises(TrainingError, match="loss became (nan|inf) in epoch"):
+        train_flow(cfg)
+    (run,) = runs_of(state_home)
+    assert run.info.status == "FAILED"
+    assert not (state_home / "artifacts" / "trainyard").exists()
+
+
+def test_cli_json_prints_one_object(toy_csv, capsys, state_home):
+    code = main(["train", "--preset", "csv", "--set", f"data.path={toy_csv}", "--set", "data.target=label",
+                 "--set", "train.epochs=2", "--set", "tracking.log_model=false", "--json"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads(out)
+    assert set(summary) >= {"test_metrics", "mlflow_run_id", "artifacts"}
+    assert summary["test_metrics"]["test/accuracy"] > 0.5
+
+
+def test_cli_table_and_config_errors(toy_csv, capsys):
+    code = main(["train", "--preset", "csv", "--set", f"data.path={toy_csv}", "--set", "data.target=label",
+                 "--set", "train.epochs=1", "--set", "tracking.log_model=false"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "test/accuracy" in out and "MLflow run" in out
+    assert main(["train", "--preset", "csv", "--set", "optim.name=adamm"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.name" in err and "'adam'" in err

@@ -1,0 +1,39 @@
+import math
+
+import pytest
+
+from tasks.lr_lambda import LambdaExpressionError, compile_lr_lambda
+
+
+@pytest.mark.parametrize(
+    "text, epoch, expected",
+    [
+        ("0.95 ** epoch", 3, 0.95**3),
+        ("1 / (1 + epoch)", 4, 0.2),
+        ("max(0.1, 1 - epoch / 10)", 20, 0.1),
+        ("0.5 * (1 + cos(pi * epoch / 10))", 10, 0.0),
+        ("floor(epoch / 2) + 1", 3, 2.0),
+    ],
+)
+def test_allowed_expressions_evaluate(text, epoch, expected):
+    assert math.isclose(compile_lr_lambda(text)(epoch), expected, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("__import__('os').system('true')", "only these functions"),
+        ("epoch.__class__", "Attribute is not allowed"),
+        ("lr * epoch", "unknown name 'lr'"),
+        ("[epoch]", "List is not allowed"),
+        ("1 / (epoch - epoch)", "failed at epoch 0"),
+        ("0.95 **", "not a valid expression"),
+        ("", "empty"),
+        ("'a' * 3", "only numbers"),
+        ("-1 * epoch - 1", "expected a finite value >= 0"),
+    ],
+)
+def test_unsafe_or_broken_expressions_are_refused(text, fragment):
+    with pytest.raises(LambdaExpressionError) as err:
+        compile_lr_lambda(text)
+    assert fragment in str(err.value)
