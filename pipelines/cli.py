@@ -25,6 +25,17 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+    runs = sub.add_parser("runs", help="table of the latest runs of an experiment, champion marked", formatter_class=fmt)
+    runs.add_argument("--experiment", default="trainyard", help="MLflow experiment")
+    runs.add_argument("-n", "--limit", type=int, default=10, help="how many runs")
+    runs.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else the state folder's SQLite file")
+    champ = sub.add_parser("champion", help="show the registered model's champion", formatter_class=fmt)
+    champ.add_argument("--model", default="trainyard", help="registered model name")
+    champ.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else the state folder's SQLite file")
+    promote = sub.add_parser("promote", help="make a model version the champion by hand", formatter_class=fmt)
+    promote.add_argument("version", help="model version to promote")
+    promote.add_argument("--model", default="trainyard", help="registered model name")
+    promote.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else the state folder's SQLite file")
     show = sub.add_parser("config", help="print a preset or file's resolved config as YAML", formatter_class=fmt)
     show.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset")
     show.add_argument("--config", default=None, help="YAML file")
@@ -51,6 +62,27 @@ def print_table(summary: dict[str, Any], out=None) -> None:
         print(f"{key:<{width}}  {value}", file=out)
 
 
+def _registry_command(args) -> int:
+    from pipelines import inspect_runs as ir
+
+    uri = ir.default_tracking_uri(args.tracking_uri)
+    try:
+        if args.command == "runs":
+            print(ir.format_table(ir.latest_runs(uri, args.experiment, args.limit)))
+        elif args.command == "champion":
+            info = ir.describe_champion(uri, args.model)
+            print(json.dumps(info, indent=2) if info else f"{args.model}: no champion yet")
+        else:
+            from tasks import champion
+
+            champion.promote(uri, args.model, args.version)
+            print(f"{args.model} v{args.version} is now the champion")
+    except Exception as exc:
+        print(f"trainyard {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def configure_logging() -> None:
     """Our INFO lines on stderr (stdout stays clean for --json); other libraries at WARNING."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -68,6 +100,8 @@ def _load(args) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging()
+    if args.command in ("runs", "champion", "promote"):
+        return _registry_command(args)
     try:
         cfg = _load(args)
     except ConfigError as exc:

@@ -91,8 +91,22 @@ class ModelConfig(Section):
     )
     kernel_size: int = Field(3, ge=1, le=15, title="Kernel size", description="Conv kernel size (cnn).")
     batch_norm: bool = Field(False, title="Batch norm", description="BatchNorm after each conv (cnn).")
+    kernel_sizes: list[int] = Field(
+        default_factory=list,
+        title="Kernel sizes",
+        description="Kernel size of each conv block (cnn), e.g. [5, 3]; empty: kernel_size for every block.",
+    )
+    padding: Literal["same", "valid"] = Field(
+        "same", title="Conv padding", description="same: keep the size (odd kernels); valid: no padding (cnn)."
+    )
+    pool: Literal["each", "last"] = Field(
+        "each", title="Pooling", description="MaxPool2d after each conv block or only after the last one (cnn)."
+    )
+    conv_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, title="Conv dropout", description="Dropout after the conv stack, before the head (cnn)."
+    )
 
-    @field_validator("hidden", "channels")
+    @field_validator("hidden", "channels", "kernel_sizes")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         if any(n < 1 for n in v):
@@ -161,6 +175,34 @@ class TrainSection(Section):
     progress: Literal["auto", "bar", "log"] = Field(
         "auto", title="Progress", description="auto: a bar on a terminal, log lines otherwise."
     )
+    gpu_resident: Literal["auto", "on", "off"] = Field(
+        "auto",
+        title="Device-resident data",
+        description="auto: on CUDA, keep the train/val tensors on the device when they fit gpu_memory_share and "
+        "cut batches there; on: the same on any device (cpu included); off: always the DataLoader.",
+    )
+    gpu_memory_share: float = Field(
+        0.5, gt=0.0, le=1.0, title="Device memory share", description="Largest share of device memory the data may use."
+    )
+    augment: Literal["none", "shift"] = Field(
+        "none", title="Augmentation", description="shift: random translations of image batches, done on the device."
+    )
+    shift_pixels: int = Field(2, ge=1, le=8, title="Shift pixels", description="Largest shift of augment=shift.")
+    compile: bool = Field(False, title="torch.compile", description="Compile the model with torch.compile.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", title="Compile mode", description="torch.compile mode; reduce-overhead uses CUDA graphs."
+    )
+    keep: Literal["best", "last"] = Field(
+        "best",
+        title="Checkpoint kept",
+        description="best: the epoch with the best validation metric; last: the final epoch (e.g. with onecycle).",
+    )
+
+    @field_validator("gpu_resident", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML reads a bare on/off as a boolean: `--set train.gpu_resident=on` arrives as True.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class TrackingConfig(Section):
@@ -173,12 +215,35 @@ class TrackingConfig(Section):
     run_name: str = Field("", max_length=200, title="Run name", description="MLflow run name; empty: generated.")
     tensorboard: bool = Field(True, title="TensorBoard", description="Write TensorBoard event files.")
     log_model: bool = Field(True, title="Log model", description="Log the model to MLflow with a signature.")
+    registered_model: str = Field(
+        "", max_length=200, title="Registered model", description="Model registry name; empty: the experiment's name."
+    )
+    champion_metric: str = Field(
+        "auto",
+        title="Champion metric",
+        description="Test metric deciding champion promotion; auto: test/accuracy (classification), test/mse (regression).",
+    )
 
 
 class StorageConfig(Section):
     uri: str = Field(
-        "", title="Artifact store", description="file:///path or a local folder; empty: the state folder's artifacts/."
+        "",
+        title="Artifact store",
+        description="file:///path, a local folder or s3://bucket/prefix; empty: the state folder's artifacts/.",
     )
+    endpoint_url: str = Field(
+        "",
+        title="S3 endpoint",
+        description="S3-compatible endpoint (MinIO, ...); empty: AWS_ENDPOINT_URL, else AWS. Keys come from AWS_* only.",
+    )
+    max_attempts: int = Field(5, ge=1, le=20, title="S3 attempts", description="botocore attempts per request (with backoff).")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("file://", "s3://")):
+            raise ValueError(f"expected file:///path, a local folder or s3://bucket/prefix, got {v!r}")
+        return v
 
 
 class TrainConfig(Section):
@@ -241,7 +306,19 @@ def _csv() -> dict[str, Any]:
     return cfg
 
 
-PRESETS = {"mnist": _mnist, "csv": _csv}
+def _mnist_fast() -> dict[str, Any]:
+    """A small CNN trained fast: large batches, OneCycle, label smoothing, shifts on the device."""
+    cfg = _mnist()
+    cfg.update(
+        model={"name": "cnn", "channels": [24, 32], "kernel_sizes": [5, 3], "hidden": [128], "batch_norm": True},
+        optim={"name": "adamw", "lr": 4e-3, "weight_decay": 5e-4},
+        schedule={"name": "onecycle", "max_lr": 4e-3, "pct_start": 0.25},
+        train={"epochs": 8, "batch_size": 256, "label_smoothing": 0.1, "augment": "shift", "keep": "last"},
+    )
+    return cfg
+
+
+PRESETS = {"mnist": _mnist, "csv": _csv, "mnist-fast": _mnist_fast}
 
 
 # ---- loading ---------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
-"""The training flow: ingest -> train -> evaluate -> publish, one MLflow run per flow run.
+"""The training flow: preflight -> ingest -> train -> evaluate -> store -> publish.
 
-Only wiring lives here; the work is in pipelines/steps.py and tasks/. Retries are on
-I/O (ingest, publish), never on training itself.
+One MLflow run per flow run. Only wiring lives here; the work is in pipelines/steps.py
+and tasks/. Retries are on I/O (opening the run, storing artifacts), never on training.
+A failed run is marked FAILED in MLflow and its artifacts are withdrawn from the store.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -20,12 +20,15 @@ from pipelines.config import TrainConfig, resolve_storage_uri, resolve_tracking_
 from tasks import tracking
 
 log = logging.getLogger("trainyard.flow")
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
 
 # Our own cache is the content-hash keyed dataset folder; Prefect's input hashing is not needed.
-start_task = task(steps.start, name="start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
+preflight_task = task(steps.preflight, name="preflight", cache_policy=NO_CACHE)
+start_task = task(steps.start, name="start-run", cache_policy=NO_CACHE, **IO_RETRIES)
 ingest_task = task(steps.ingest_data, name="ingest", cache_policy=NO_CACHE)
 train_task = task(steps.train, name="train", cache_policy=NO_CACHE)
 evaluate_task = task(steps.evaluate, name="evaluate", cache_policy=NO_CACHE)
+store_task = task(steps.store_artifacts, name="store-artifacts", cache_policy=NO_CACHE, **IO_RETRIES)
 publish_task = task(steps.publish, name="publish", cache_policy=NO_CACHE)
 
 
@@ -35,24 +38,33 @@ def train_flow(cfg: TrainConfig = TrainConfig()) -> dict[str, Any]:
     state = state_dir()
     tracking_uri = resolve_tracking_uri(cfg)
     storage_uri = resolve_storage_uri(cfg)
+    preflight_task(cfg, tracking_uri, storage_uri)
     run_id = start_task(cfg, tracking_uri, str(flow_run.id or ""))
     run_name = tracking.run_name_of(tracking_uri, run_id)
     run_dir = state / "runs" / run_id
     tb_dir = state / "tensorboard" / tracking.safe_name(cfg.tracking.experiment) / f"{tracking.safe_name(run_name)}-{run_id[:8]}"
     log.info("MLflow run %s (%s) at %s", run_id, run_name, tracking_uri)
+    stored = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dataset = ingest_task(cfg, state, tracking_uri, run_id)
+        dataset = ingest_task(cfg, state, tracking_uri, run_id, storage_uri)
         result = train_task(cfg, dataset["path"], tracking_uri, run_id, str(run_dir), str(tb_dir))
         evaluation = evaluate_task(cfg, dataset["path"], result["checkpoint"], str(run_dir))
-        artifacts = publish_task(
-            cfg, dataset["path"], result["checkpoint"], evaluation, tracking_uri, run_id, storage_uri, str(run_dir), str(tb_dir)
-        )
+        stored = store_task(cfg, dataset["path"], result["checkpoint"], evaluation, run_id, storage_uri, str(run_dir), str(tb_dir))
+        published = publish_task(
+            cfg, dataset["path"], result["checkpoint"], evaluation, stored, tracking_uri, run_id, str(run_dir), str(tb_dir),
+            dataset["content_hash"],
+        )  # fmt: skip
     except BaseException:
         tracking.end_run(tracking_uri, run_id, "FAILED")
+        if stored is not None:
+            try:
+                steps.withdraw_artifacts(cfg, storage_uri, run_id)
+            except Exception as exc:  # the store may be what failed; its unit then has no manifest anyway
+                log.warning("could not withdraw the artifacts of failed run %s: %s", run_id, exc)
         raise
     tracking.end_run(tracking_uri, run_id, "FINISHED")
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the published weights are the record now
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the stored unit holds the best checkpoint now
     return {
         "mlflow_run_id": run_id,
         "run_name": run_name,
@@ -64,8 +76,10 @@ def train_flow(cfg: TrainConfig = TrainConfig()) -> dict[str, Any]:
         "device": result["device"],
         "train_seconds": round(result["seconds"], 3),
         "dataset": {"key": dataset["key"], "content_hash": dataset["content_hash"], "reused": dataset["reused"], "path": dataset["path"]},
-        "artifacts": artifacts["store"],
-        "artifact_sha256": artifacts["sha256"],
-        "mlflow_model_uri": artifacts["mlflow_model"],
+        "artifacts_uri": stored["uri"],
+        "artifacts": {k: v["uri"] for k, v in stored["files"].items() if not k.startswith(("tensorboard/", "checkpoints/"))},
+        "artifact_sha256": {k: v["sha256"] for k, v in stored["files"].items()},
+        "mlflow_model_uri": published["mlflow_model"],
+        "champion": published["champion"],
         "tensorboard_dir": str(tb_dir),
     }

@@ -18,11 +18,11 @@ from typing import Any
 import yaml
 
 from pipelines.config import TrainConfig
-from tasks import tracking
+from tasks import champion, tracking
 from tasks.evaluate import evaluate_model
 from tasks.ingest import ingest
 from tasks.prepared import SCHEMA_FILE, load_prepared
-from tasks.storage import open_store
+from tasks.storage import ArtifactStore, open_store
 from tasks.train import load_weights, train_model
 
 log = logging.getLogger("trainyard.flow")
@@ -54,6 +54,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def store_for(cfg: TrainConfig, storage_uri: str) -> ArtifactStore:
+    return open_store(storage_uri, endpoint_url=cfg.storage.endpoint_url, max_attempts=cfg.storage.max_attempts)
+
+
+def preflight(cfg: TrainConfig, tracking_uri: str, storage_uri: str) -> None:
+    """Fail at once, before any data is read or a model trained, when a service is unusable."""
+    tracking.check_reachable(tracking_uri)
+    store_for(cfg, storage_uri).preflight()
+
+
 def start(cfg: TrainConfig, tracking_uri: str, flow_run_id: str = "") -> str:
     """Open the MLflow run: the flattened config as params; flow run, code and package versions as tags."""
     tags = {"trainyard.source": cfg.data.source, "trainyard.model": cfg.model.name}
@@ -68,8 +78,8 @@ def start(cfg: TrainConfig, tracking_uri: str, flow_run_id: str = "") -> str:
     return run_id
 
 
-def ingest_data(cfg: TrainConfig, state: Path, tracking_uri: str, run_id: str) -> dict[str, Any]:
-    ref = ingest(cfg.data, state)
+def ingest_data(cfg: TrainConfig, state: Path, tracking_uri: str, run_id: str, storage_uri: str) -> dict[str, Any]:
+    ref = ingest(cfg.data, state, store=store_for(cfg, storage_uri))
     tracking.set_tags(tracking_uri, run_id, {"data.hash": ref["content_hash"], "data.key": ref["key"]})
     schema = load_prepared_schema(ref["path"])
     tracking.MlflowTracker(tracking_uri, run_id).log_params(
@@ -112,20 +122,54 @@ def evaluate(cfg: TrainConfig, dataset_path: str, checkpoint: str, run_dir: str)
     )  # fmt: skip
 
 
+def store_artifacts(
+    cfg: TrainConfig, dataset_path: str, checkpoint: str, evaluation: dict[str, Any], run_id: str, storage_uri: str,
+    run_dir: str, tb_dir: str,
+) -> dict[str, Any]:
+    """Weights, schema, metrics, the best checkpoint and the TensorBoard logs to the artifact store, as one unit."""
+    import torch
+
+    run_dir_p = Path(run_dir)
+    weights_path = run_dir_p / "model_state.pt"
+    torch.save(load_weights(checkpoint)["model_state"], weights_path)
+    files = {
+        "model_state.pt": str(weights_path),
+        "schema.json": str(Path(dataset_path) / SCHEMA_FILE),
+        "metrics.json": evaluation["files"]["metrics_json"],
+        "checkpoints/best.pt": checkpoint,
+    }
+    tb = Path(tb_dir)
+    if tb.is_dir():
+        files.update({f"tensorboard/{p.relative_to(tb).as_posix()}": str(p) for p in sorted(tb.rglob("*")) if p.is_file()})
+    store = store_for(cfg, storage_uri)
+    prefix = run_prefix(cfg, run_id)
+    manifest = store.publish(prefix, files)
+    return {"uri": f"{store.uri}/{prefix}", "files": manifest}
+
+
+def run_prefix(cfg: TrainConfig, run_id: str) -> str:
+    return f"{tracking.safe_name(cfg.tracking.experiment)}/{run_id}"
+
+
+def withdraw_artifacts(cfg: TrainConfig, storage_uri: str, run_id: str) -> None:
+    """Remove a failed run's unit from the store, so nothing of it looks complete."""
+    store_for(cfg, storage_uri).remove(run_prefix(cfg, run_id))
+
+
 def publish(
     cfg: TrainConfig,
     dataset_path: str,
     checkpoint: str,
     evaluation: dict[str, Any],
+    stored: dict[str, Any],
     tracking_uri: str,
     run_id: str,
-    storage_uri: str,
     run_dir: str,
     tb_dir: str,
+    data_hash: str,
 ) -> dict[str, Any]:
-    """Metrics and reports to MLflow and TensorBoard; weights, schema and metrics to the artifact store."""
+    """Test metrics and reports to MLflow and TensorBoard; the model to MLflow's registry, then the champion decision."""
     import numpy as np
-    import torch
 
     from models import build_model
     from tasks.data import features
@@ -135,11 +179,6 @@ def publish(
     files = dict(evaluation["files"])
     config_path = run_dir_p / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
-    schema_path = run_dir_p / "schema.json"
-    shutil.copyfile(Path(dataset_path) / SCHEMA_FILE, schema_path)
-    weights_path = run_dir_p / "model_state.pt"
-    state = load_weights(checkpoint)
-    torch.save(state["model_state"], weights_path)
 
     with _trackers(cfg, tracking_uri, run_id, tb_dir) as tracker:
         tracker.log_metrics(metrics, step=cfg.train.epochs)
@@ -148,23 +187,23 @@ def publish(
     tracking.log_artifacts(
         tracking_uri, run_id, {k: v for k, v in files.items() if k != "confusion_matrix_png"}, artifact_path="evaluation"
     )
-    tracking.log_artifacts(tracking_uri, run_id, {"config": str(config_path), "schema": str(schema_path)})
+    tracking.log_artifacts(tracking_uri, run_id, {"config": str(config_path), "schema": str(Path(dataset_path) / SCHEMA_FILE)})
+    tracking.set_tags(tracking_uri, run_id, {"artifacts.uri": stored["uri"]})
 
-    store = open_store(storage_uri)
-    prefix = f"{tracking.safe_name(cfg.tracking.experiment)}/{run_id}"
-    manifest = store.publish(
-        prefix,
-        {"model_state.pt": str(weights_path), "schema.json": str(schema_path), "metrics.json": files["metrics_json"]},
-    )
-    tracking.set_tags(tracking_uri, run_id, {"artifacts.uri": f"{store.uri}/{prefix}"})
-
-    model_uri = ""
+    out: dict[str, Any] = {"mlflow_model": "", "champion": None}
     if cfg.tracking.log_model:
         prepared = load_prepared(dataset_path)
         model = build_model(cfg.model.name, prepared.schema, cfg.model)
-        model.load_state_dict(state["model_state"])
+        model.load_state_dict(load_weights(checkpoint)["model_state"])
         example = features(prepared, "test")[:2].numpy().astype(np.float32)
         reqs = [f"{k}=={v}" for k, v in versions().items() if k in ("torch", "torchvision")]
-        model_uri = tracking.log_torch_model(tracking_uri, run_id, model, example, reqs)
-    return {"store": {k: v["uri"] for k, v in manifest.items()}, "sha256": {k: v["sha256"] for k, v in manifest.items()}, "mlflow_model": model_uri}
-
+        model_name = cfg.tracking.registered_model or cfg.tracking.experiment
+        info = tracking.log_torch_model(tracking_uri, run_id, model, example, reqs, registered_model_name=model_name)
+        out["mlflow_model"] = info["model_uri"]
+        metric, higher = champion.champion_metric(evaluation["task"], cfg.tracking.champion_metric)
+        if metric not in metrics:
+            raise ValueError(f"tracking.champion_metric {metric!r} is not among the test metrics: {', '.join(sorted(metrics))}")
+        decision = champion.decide(tracking_uri, model_name, info["version"], run_id, metric, higher, metrics[metric], data_hash)
+        log.info("registry: %s v%s %s (%s)", model_name, decision.version, "promoted to champion" if decision.promoted else "stays challenger", decision.reason)
+        out["champion"] = decision.to_dict()
+    return out

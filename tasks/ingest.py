@@ -8,23 +8,54 @@ data config finds the folder and reuses it without reading the source again.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from tasks.ingest_csv import ingest_csv
 from tasks.ingest_mnist import ingest_mnist
-from tasks.prepared import dataset_dir, is_complete, load_schema, save_prepared
+from tasks.prepared import SCHEMA_FILE, TENSORS_FILE, dataset_dir, is_complete, load_schema, save_prepared
 
 log = logging.getLogger("trainyard.ingest")
 
 
-def ingest(data_cfg, state_root: Path) -> dict[str, Any]:
-    """Prepare the dataset that `data_cfg` describes under `state_root/datasets/<key>/`."""
+def _fetch(store, key: str, folder: Path) -> bool:
+    """Copy a prepared dataset from the shared store into the local cache; False when it is not there."""
+    prefix = f"datasets/{key}"
+    if store.read_manifest(prefix) is None:
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=folder.parent))
+    try:
+        for name in (TENSORS_FILE, SCHEMA_FILE):
+            store.fetch(f"{prefix}/{name}", tmp / name)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not is_complete(folder):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def ingest(data_cfg, state_root: Path, store=None) -> dict[str, Any]:
+    """Prepare the dataset that `data_cfg` describes under `state_root/datasets/<key>/`.
+
+    With a remote artifact `store` (S3), a dataset another machine prepared is fetched
+    from `datasets/<key>/` instead of being built again, and one built here is shared there.
+    """
     planner = ingest_csv if data_cfg.source == "csv" else ingest_mnist
     key, content_hash, build = planner(data_cfg, Path(state_root))
     folder = dataset_dir(Path(state_root), key)
+    shared = store is not None and getattr(store, "remote", False)
     if is_complete(folder):
         log.info("reusing prepared dataset %s", folder)
+        reused = True
+    elif shared and _fetch(store, key, folder):
+        log.info("fetched prepared dataset %s from %s", key, store.uri)
         reused = True
     else:
         prepared = build()
@@ -32,6 +63,8 @@ def ingest(data_cfg, state_root: Path) -> dict[str, Any]:
         save_prepared(folder, prepared)
         log.info("prepared dataset written to %s", folder)
         reused = False
+    if shared and store.read_manifest(f"datasets/{key}") is None:
+        store.publish(f"datasets/{key}", {TENSORS_FILE: str(folder / TENSORS_FILE), SCHEMA_FILE: str(folder / SCHEMA_FILE)})
     schema = load_schema(folder)
     return {
         "key": key,

@@ -1,13 +1,15 @@
-"""Artifact stores, chosen by URI: `file://...` (or a plain folder) today.
+"""Artifact stores, chosen by URI: `file://...` (or a plain folder) and `s3://bucket/prefix`.
 
 A run's artifacts are published as one unit under `<experiment>/<run-id>/`: every file
 with its sha256 in a `manifest.json`. The local store builds the unit in a temporary
-folder and renames it into place, so a reader sees all of it or none of it; a failed
-publish leaves nothing behind.
+folder and renames it into place; the S3 store uploads the files first and the manifest
+last, and deletes what it uploaded when a file fails, so a unit without its manifest is
+never complete. Either way a reader sees all of a unit or none of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,6 +38,10 @@ def check_key(key: str) -> str:
 
 class ArtifactStore(Protocol):
     uri: str
+    remote: bool  # True when other machines can read it (worth syncing prepared datasets to)
+
+    def preflight(self) -> None:
+        """Fail at once, before any training, when the store cannot be written."""
 
     def publish(self, prefix: str, files: dict[str, str]) -> dict[str, dict[str, str]]:
         """Store `files` (name -> local path) under `prefix` as one unit; return name -> {uri, sha256}."""
@@ -50,6 +56,15 @@ class LocalStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
         self.uri = self.root.as_uri()
+        self.remote = False
+
+    def preflight(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"artifact store {self.uri} cannot be created: {exc.strerror}") from None
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"artifact store {self.uri} is not writable")
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -90,10 +105,28 @@ class LocalStore:
         return dest
 
 
-def open_store(uri: str) -> ArtifactStore:
+    def remove(self, prefix: str) -> None:
+        """Withdraw a published unit (its manifest first, so it never looks complete meanwhile)."""
+        folder = self._path(prefix)
+        with contextlib.suppress(FileNotFoundError):
+            (folder / MANIFEST).unlink()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def read_manifest(self, prefix: str) -> dict[str, dict[str, str]] | None:
+        path = self._path(f"{prefix}/{MANIFEST}")
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def open_store(uri: str, endpoint_url: str = "", max_attempts: int = 5) -> ArtifactStore:
     if uri.startswith("file://"):
         return LocalStore(unquote(urlparse(uri).path))
+    if uri.startswith("s3://"):
+        from tasks.s3store import S3Store
+
+        return S3Store.from_uri(uri, endpoint_url=endpoint_url, max_attempts=max_attempts)
     if "://" not in uri:
         return LocalStore(uri)
     scheme = uri.split("://", 1)[0]
-    raise DataError(f"storage.uri {uri!r}: unsupported scheme {scheme}://; use file:///path or a local folder")
+    raise DataError(
+        f"storage.uri {uri!r}: unsupported scheme {scheme}://; use file:///path, a local folder or s3://bucket/prefix"
+    )

@@ -186,19 +186,42 @@ def log_artifacts(tracking_uri: str, run_id: str, files: dict[str, str], artifac
         client.log_artifact(run_id, path, artifact_path=artifact_path)
 
 
-def log_torch_model(tracking_uri: str, run_id: str, model, input_example, pip_requirements: list[str]) -> str:
-    """Log the model (torch.export `pt2` format, with a signature inferred from the example); return its URI."""
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking server must answer /health now; a database URI is opened when first used."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise TrackingUnavailable(f"MLflow server {tracking_uri} answered /health with HTTP {resp.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(f"MLflow server {tracking_uri} is unreachable ({reason}); start it or fix tracking.uri") from None
+
+
+class TrackingUnavailable(RuntimeError):
+    pass
+
+
+def log_torch_model(
+    tracking_uri: str, run_id: str, model, input_example, pip_requirements: list[str], registered_model_name: str = ""
+) -> dict[str, str]:
+    """Log the model (torch.export `pt2` format, with a signature inferred from the example) and register it."""
     import mlflow
     import mlflow.pytorch
+    import torch
     from mlflow.models import infer_signature
 
     model = model.cpu().eval()
-    import torch
-
     with torch.no_grad():
         output = model(torch.from_numpy(input_example)).numpy()
     signature = infer_signature(input_example, output)
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
@@ -207,5 +230,7 @@ def log_torch_model(tracking_uri: str, run_id: str, model, input_example, pip_re
             input_example=input_example,
             pip_requirements=pip_requirements,
             serialization_format="pt2",
+            registered_model_name=registered_model_name or None,
         )
-    return info.model_uri
+    version = getattr(info, "registered_model_version", None)
+    return {"model_uri": info.model_uri, "version": str(version) if version is not None else ""}

@@ -1,0 +1,74 @@
+"""`trainyard runs`, `trainyard champion`, `trainyard promote`: look at runs and the registry."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipelines.config import state_dir
+from tasks import champion
+
+KEY_PARAMS = ("data.source", "model.name", "optim.name", "optim.lr", "schedule.name", "train.epochs", "train.batch_size")
+KEY_METRICS = ("test/accuracy", "test/f1_macro", "test/mse", "test/r2", "test/loss")
+
+
+def default_tracking_uri(explicit: str = "") -> str:
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
+
+
+def latest_runs(tracking_uri: str, experiment: str, limit: int = 10) -> list[dict[str, Any]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit)
+    champ = champion.current_champion(tracking_uri, experiment)
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {
+            "run_id": run.info.run_id,
+            "name": run.info.run_name,
+            "status": run.info.status,
+            "champion": bool(champ and champ.run_id == run.info.run_id),
+        }
+        row.update({k: run.data.params.get(k, "") for k in KEY_PARAMS})
+        row.update({k: run.data.metrics[k] for k in KEY_METRICS if k in run.data.metrics})
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no runs"
+    columns = ["", "run_id", "name", "status", *KEY_PARAMS, *[m for m in KEY_METRICS if any(m in r for r in rows)]]
+    cells = [
+        ["*" if r["champion"] else "", r["run_id"][:12], r["name"], r["status"],
+         *[str(r.get(k, "")) for k in KEY_PARAMS],
+         *[f"{r[m]:.4f}" if m in r else "" for m in columns[4 + len(KEY_PARAMS):]]]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.append("* champion")
+    return "\n".join(lines)
+
+
+def describe_champion(tracking_uri: str, model_name: str) -> dict[str, Any] | None:
+    from mlflow.tracking import MlflowClient
+
+    champ = champion.current_champion(tracking_uri, model_name)
+    if champ is None:
+        return None
+    run = MlflowClient(tracking_uri).get_run(champ.run_id)
+    return {
+        "model": model_name,
+        "version": champ.version,
+        "run_id": champ.run_id,
+        "run_name": run.info.run_name,
+        "metric": run.data.tags.get("champion.metric", ""),
+        "value": run.data.metrics.get(run.data.tags.get("champion.metric", ""), None),
+        "data_hash": run.data.tags.get("data.hash", ""),
+    }

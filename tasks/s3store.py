@@ -1,0 +1,209 @@
+"""The S3 artifact store (boto3): any S3-compatible endpoint, standard credentials only.
+
+Credentials come from the standard chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+profiles, instance roles); the endpoint from `storage.endpoint_url` or AWS_ENDPOINT_URL
+(MinIO and other S3-compatible stores). No key is ever put into a message: errors name
+the bucket and the object key only.
+
+Uploads use boto3's managed transfer (multipart above 64 MiB) and carry the file's
+sha256 in the object's metadata; downloads verify it and discard a bad copy. Transient
+errors (connection refused, 5xx, throttling) are retried by botocore's `standard` retry
+mode with backoff; the Prefect task around publishing retries on top of that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tasks.prepared import sha256_file
+from tasks.storage import MANIFEST, StorageError, check_key
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise StorageError(f"{uri!r} is not an s3:// URI")
+    rest = uri[len("s3://") :]
+    bucket, _, prefix = rest.partition("/")
+    prefix = prefix.strip("/")
+    if not bucket or not _valid_bucket(bucket):
+        raise StorageError(f"storage.uri {uri!r}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')")
+    if prefix:
+        check_key(prefix)
+    return bucket, prefix
+
+
+def _valid_bucket(name: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", name)) and ".." not in name
+
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+class S3Store:
+    remote = True
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str = "", max_attempts: int = 5):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket, self.prefix = bucket, prefix
+        self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        config = Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+            s3={"addressing_style": "path"} if self.endpoint_url else None,
+        )
+        self.client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
+
+    @classmethod
+    def from_uri(cls, uri: str, endpoint_url: str = "", max_attempts: int = 5) -> "S3Store":
+        bucket, prefix = parse_s3_uri(uri)
+        return cls(bucket, prefix, endpoint_url, max_attempts)
+
+    # ---- keys and errors ----
+
+    def key(self, name: str) -> str:
+        check_key(name)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _where(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key}" if key else f"bucket {self.bucket!r}"
+
+    def _fail(self, action: str, key: str, exc: Exception) -> StorageError:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        code = _error_code(exc)
+        where = self._where(key)
+        if isinstance(exc, NoCredentialsError):
+            why = "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile)"
+        elif code in ("NoSuchBucket",) or (code == "404" and not key):
+            why = f"bucket {self.bucket!r} does not exist"
+        elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
+            why = f"credentials refused ({code})"
+        elif isinstance(exc, EndpointConnectionError) or "Connect" in type(exc).__name__:
+            why = f"cannot reach the S3 endpoint {self.endpoint_url or 'of the default region'} after retries"
+        elif isinstance(exc, ClientError):
+            why = f"{code or 'error'}: {exc.response.get('Error', {}).get('Message', '')}".strip()
+        else:
+            why = f"{type(exc).__name__}"
+        return StorageError(f"S3 {action} failed for {where}: {why}")
+
+    # ---- the interface ----
+
+    def preflight(self) -> None:
+        """head_bucket: a missing bucket or refused credentials stop the run before training."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            raise self._fail("preflight", "", exc) from None
+
+    def exists(self, name: str) -> bool:
+        key = self.key(name)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except Exception as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._fail("head", key, exc) from None
+
+    def _upload(self, src: str, key: str, sha: str) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        try:
+            self.client.upload_file(
+                src, self.bucket, key,
+                ExtraArgs={"Metadata": {"sha256": sha}},
+                Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD),
+            )  # fmt: skip
+        except Exception as exc:
+            raise self._fail("upload", key, exc) from None
+
+    def publish(self, prefix: str, files: dict[str, str]) -> dict[str, dict[str, str]]:
+        uploaded: list[str] = []
+        manifest: dict[str, dict[str, str]] = {}
+        try:
+            for name, src in files.items():
+                key = self.key(f"{prefix}/{name}")
+                sha = sha256_file(src)
+                self._upload(src, key, sha)
+                uploaded.append(key)
+                manifest[name] = {"uri": f"s3://{self.bucket}/{key}", "sha256": sha}
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
+                json.dump(manifest, tmp, indent=2, sort_keys=True)
+            try:
+                self._upload(tmp.name, self.key(f"{prefix}/{MANIFEST}"), sha256_file(tmp.name))
+            finally:
+                os.unlink(tmp.name)
+        except BaseException:
+            self._delete_quietly(uploaded)
+            raise
+        return manifest
+
+    def _delete_quietly(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            except Exception:  # the endpoint may be down; the missing manifest marks the unit incomplete
+                pass
+
+    def remove(self, prefix: str) -> None:
+        """Withdraw a published unit: the manifest first, so it never looks complete meanwhile."""
+        base = self.key(prefix) + "/"
+        manifest = base + MANIFEST
+        self._delete_quietly([manifest])
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+            keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        except Exception as exc:
+            raise self._fail("list", base, exc) from None
+        self._delete_quietly(keys)
+
+    def read_manifest(self, prefix: str) -> dict[str, dict[str, str]] | None:
+        key = self.key(f"{prefix}/{MANIFEST}")
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._fail("download", key, exc) from None
+        return json.loads(body)
+
+    def fetch(self, name: str, dest: str | os.PathLike) -> Path:
+        """Download to a temporary name, check the sha256 from the object's metadata, then rename."""
+        key = self.key(name)
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        os.close(fd)
+        try:
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=key)
+                self.client.download_file(self.bucket, key, tmp)
+            except Exception as exc:
+                raise self._fail("download", key, exc) from None
+            expected = head.get("Metadata", {}).get("sha256")
+            actual = sha256_file(tmp)
+            if not expected:
+                raise StorageError(f"{self._where(key)} has no sha256 in its metadata; refusing an unverifiable copy")
+            if expected != actual:
+                raise StorageError(f"{self._where(key)}: sha256 {actual} does not match the recorded {expected}; the copy was discarded")
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return dest
+
+    def describe(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "prefix": self.prefix, "endpoint": self.endpoint_url or ""}

@@ -1,0 +1,97 @@
+"""Real service processes on 127.0.0.1 for the service tests: an S3 endpoint (moto's
+standalone server), a PostgreSQL database of our own, and `mlflow server`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "AKIAFAKETESTKEY00001", "AWS_SECRET_ACCESS_KEY": "fake/secret/key/for/tests/only/000000000"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status < 500:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+class S3Endpoint:
+    """moto's ThreadedMotoServer; stop() and start() again keep the buckets (moto's state is in-process)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        wait_http(self.url + "/moto-api/")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+@contextmanager
+def postgres_database(prefix: str = "trainyard_test"):
+    """A fresh database, dropped afterwards."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}", name
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts_destination: str, s3_endpoint: str, log_path: Path):
+    """`mlflow server` with a database backend and proxied S3 artifacts; its clients need no S3 keys."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_endpoint, AWS_DEFAULT_REGION="us-east-1", **FAKE_KEYS)
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    cmd = [exe, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_destination,
+           "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
+            yield f"http://127.0.0.1:{port}", proc
+        finally:
+            import signal
+
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,222 @@
+"""The real services: `mlflow server` on PostgreSQL with proxied S3 artifacts, and our S3 artifact store,
+both against moto's standalone S3 server on 127.0.0.1. Faults: the endpoint stopped, a wrong bucket,
+refused credentials, a corrupted object."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import uuid
+
+import boto3
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import load_config
+from tasks.storage import StorageError
+from tests.services import FAKE_KEYS, S3Endpoint, free_port, mlflow_server, postgres_database, wait_http
+
+pytestmark = [pytest.mark.service, pytest.mark.usefixtures("prefect_harness")]
+BUCKET, MLFLOW_BUCKET = "trainyard-artifacts", "mlflow-artifacts"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    saved = {k: os.environ.get(k) for k in (*FAKE_KEYS, "AWS_DEFAULT_REGION")}
+    os.environ.update(FAKE_KEYS, AWS_DEFAULT_REGION="us-east-1")
+    endpoint = S3Endpoint()
+    endpoint.start()
+    client = boto3.client("s3", endpoint_url=endpoint.url)
+    client.create_bucket(Bucket=BUCKET)
+    client.create_bucket(Bucket=MLFLOW_BUCKET)
+    yield endpoint
+    endpoint.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(s3, tmp_path_factory):
+    with postgres_database() as (backend, _name):
+        log = tmp_path_factory.mktemp("mlflow") / "server.log"
+        with mlflow_server(backend, f"s3://{MLFLOW_BUCKET}/mlflow", s3.url, log) as (uri, _proc):
+            yield uri
+
+
+def s3_client(s3):
+    return boto3.client("s3", endpoint_url=s3.url)
+
+
+def service_config(csv_path, s3, mlflow_uri, experiment, *extra):
+    return load_config("csv", overrides=[
+        f"data.path={csv_path}", "data.target=label", "data.drop=[id]", "train.epochs=8",
+        f"tracking.uri={mlflow_uri}", f"tracking.experiment={experiment}",
+        f"storage.uri=s3://{BUCKET}/runs", f"storage.endpoint_url={s3.url}", "storage.max_attempts=2", *extra,
+    ])  # fmt: skip
+
+
+def test_flow_against_mlflow_server_and_s3_with_champion(toy_csv, s3, mlflow_uri, tmp_path, monkeypatch):
+    from pipelines.flow import train_flow
+
+    experiment = f"svc-{uuid.uuid4().hex[:8]}"
+    first = train_flow(service_config(toy_csv, s3, mlflow_uri, experiment))
+    run_id = first["mlflow_run_id"]
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "mlp"
+    assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == list(range(1, 9))
+    # proxied artifacts: the client lists them through the server; the bytes live in the S3 bucket
+    assert {"config.yaml", "schema.json", "evaluation", "plots"} <= {a.path for a in client.list_artifacts(run_id)}
+    keys = {o["Key"] for o in s3_client(s3).list_objects_v2(Bucket=MLFLOW_BUCKET)["Contents"]}
+    assert any(k.endswith("confusion_matrix.png") for k in keys)
+    # our artifact store: every object carries its sha256, and it matches the bytes
+    prefix = f"runs/{experiment}/{run_id}/"
+    objects = s3_client(s3).list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
+    names = {o["Key"][len(prefix):] for o in objects}
+    assert {"model_state.pt", "schema.json", "metrics.json", "manifest.json", "checkpoints/best.pt"} <= names
+    assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
+    for name in ("model_state.pt", "schema.json", "checkpoints/best.pt"):
+        obj = s3_client(s3).get_object(Bucket=BUCKET, Key=prefix + name)
+        assert obj["Metadata"]["sha256"] == hashlib.sha256(obj["Body"].read()).hexdigest()
+    # the prepared dataset is shared under datasets/<key>/
+    assert s3_client(s3).head_object(Bucket=BUCKET, Key=f"runs/datasets/{first['dataset']['key']}/tensors.pt")
+    # the registry: version 1, challenger and champion
+    version = client.get_model_version_by_alias(experiment, "champion")
+    assert version.version == "1" and version.run_id == run_id
+    assert client.get_model_version_by_alias(experiment, "challenger").version == "1"
+    assert run.data.tags["champion.decision"] == "promoted"
+
+    # a second, worse run on another "machine" (a fresh state folder): reuses the shared dataset, stays challenger
+    monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "other-machine"))
+    second = train_flow(service_config(toy_csv, s3, mlflow_uri, experiment, "train.epochs=1", "optim.lr=1e-6", "schedule.name=none"))
+    assert second["dataset"]["reused"] and second["dataset"]["key"] == first["dataset"]["key"]
+    assert second["test_metrics"]["test/accuracy"] < first["test_metrics"]["test/accuracy"]
+    assert client.get_model_version_by_alias(experiment, "champion").version == "1"
+    assert client.get_model_version_by_alias(experiment, "challenger").version == "2"
+    tags = client.get_run(second["mlflow_run_id"]).data.tags
+    assert tags["champion.decision"] == "kept" and "does not beat champion v1" in tags["champion.reason"]
+    metrics = client.get_run(second["mlflow_run_id"]).data.metrics
+    assert metrics["champion/previous_value"] == pytest.approx(first["test_metrics"]["test/accuracy"])
+
+    # `trainyard runs` and `trainyard champion` read the same server
+    from pipelines.inspect_runs import describe_champion, format_table, latest_runs
+
+    rows = latest_runs(mlflow_uri, experiment, 5)
+    assert [r["run_id"] for r in rows] == [second["mlflow_run_id"], run_id]
+    assert [r["champion"] for r in rows] == [False, True]
+    assert "* champion" in format_table(rows)
+    assert describe_champion(mlflow_uri, experiment)["version"] == "1"
+    # and a person can promote by hand
+    from tasks.champion import promote
+
+    promote(mlflow_uri, experiment, "2")
+    assert client.get_model_version_by_alias(experiment, "champion").version == "2"
+
+
+def test_wrong_bucket_fails_before_training(toy_csv, s3, mlflow_uri, monkeypatch):
+    import pipelines.steps as steps
+    from pipelines.flow import train_flow
+
+    experiment = f"svc-{uuid.uuid4().hex[:8]}"
+    cfg = service_config(toy_csv, s3, mlflow_uri, experiment, "storage.uri=s3://no-such-bucket/x")
+    called = []
+    monkeypatch.setattr(steps, "train_model", lambda *a, **k: called.append(1))
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        train_flow(cfg)
+    assert called == [] and MlflowClient(mlflow_uri).get_experiment_by_name(experiment) is None
+
+
+def test_unreachable_mlflow_server_fails_before_training(toy_csv, s3):
+    from pipelines.flow import train_flow
+    from tasks.tracking import TrackingUnavailable
+
+    cfg = service_config(toy_csv, s3, f"http://127.0.0.1:{free_port()}", "never")
+    with pytest.raises(TrackingUnavailable, match="is unreachable"):
+        train_flow(cfg)
+
+
+def test_refused_credentials_are_a_clear_error(tmp_path):
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", proc=proc)
+        from tasks.s3store import S3Store
+
+        store = S3Store("any-bucket", "p", endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1)
+        with pytest.raises(StorageError) as err:
+            store.preflight()
+        msg = str(err.value)
+        assert "credentials refused" in msg and "any-bucket" in msg
+        assert FAKE_KEYS["AWS_SECRET_ACCESS_KEY"] not in msg and FAKE_KEYS["AWS_ACCESS_KEY_ID"] not in msg
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_corrupted_object_is_refused_and_not_used(s3, tmp_path):
+    from tasks.s3store import S3Store
+
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"the real weights")
+    store = S3Store(BUCKET, "corrupt", endpoint_url=s3.url)
+    store.publish("e/r", {"model.pt": str(src)})
+    assert store.fetch("e/r/model.pt", tmp_path / "ok.bin").read_bytes() == b"the real weights"
+    head = s3_client(s3).head_object(Bucket=BUCKET, Key="corrupt/e/r/model.pt")
+    s3_client(s3).put_object(Bucket=BUCKET, Key="corrupt/e/r/model.pt", Body=b"flipped bits!", Metadata=head["Metadata"])
+    with pytest.raises(StorageError, match=r"s3://trainyard-artifacts/corrupt/e/r/model.pt: sha256 .* does not match"):
+        store.fetch("e/r/model.pt", tmp_path / "bad.bin")
+    assert not (tmp_path / "bad.bin").exists() and not list(tmp_path.glob(".bad.bin*"))
+
+
+def _stop_after_evaluate(monkeypatch, s3, restart_after: float | None):
+    """Stop the S3 endpoint right after evaluation, i.e. just before the artifacts are stored."""
+    import pipelines.flow as F
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    import pipelines.steps as steps
+
+    def evaluate_then_stop(*args, **kwargs):
+        out = steps.evaluate(*args, **kwargs)
+        s3.stop()
+        if restart_after is not None:
+            threading.Timer(restart_after, s3.start).start()
+        return out
+
+    monkeypatch.setattr(F, "evaluate_task", task(evaluate_then_stop, name="evaluate", cache_policy=NO_CACHE))
+
+
+def test_s3_outage_during_a_run_is_retried(toy_csv, s3, mlflow_uri, monkeypatch):
+    from pipelines.flow import train_flow
+
+    _stop_after_evaluate(monkeypatch, s3, restart_after=1.0)
+    summary = train_flow(service_config(toy_csv, s3, mlflow_uri, f"svc-{uuid.uuid4().hex[:8]}"))
+    assert MlflowClient(mlflow_uri).get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    obj = s3_client(s3).get_object(Bucket=BUCKET, Key=summary["artifacts"]["model_state.pt"].split(f"{BUCKET}/", 1)[1])
+    assert obj["Metadata"]["sha256"] == hashlib.sha256(obj["Body"].read()).hexdigest()
+
+
+def test_s3_gone_for_good_fails_the_run_cleanly(toy_csv, s3, mlflow_uri, monkeypatch):
+    from pipelines.flow import train_flow
+
+    experiment = f"svc-{uuid.uuid4().hex[:8]}"
+    _stop_after_evaluate(monkeypatch, s3, restart_after=None)
+    try:
+        with pytest.raises(StorageError) as err:
+            train_flow(service_config(toy_csv, s3, mlflow_uri, experiment))
+        assert f"s3://{BUCKET}/runs/{experiment}/" in str(err.value) and "cannot reach the S3 endpoint" in str(err.value)
+    finally:
+        s3.start()
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert run.info.status == "FAILED"
+    listed = s3_client(s3).list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{experiment}/")
+    assert not any(o["Key"].endswith("manifest.json") for o in listed.get("Contents", []))
