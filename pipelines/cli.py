@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         help="override one value, e.g. --set train.epochs=3 (repeatable)",
     )  # fmt: skip
     train.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    train.add_argument("--force", action="store_true", help="train even when nothing changed since the champion")
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
     runs = sub.add_parser("runs", help="table of the latest runs of an experiment, champion marked", formatter_class=fmt)
     runs.add_argument("--experiment", default="trainyard", help="MLflow experiment")
@@ -36,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("version", help="model version to promote")
     promote.add_argument("--model", default="trainyard", help="registered model name")
     promote.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else the state folder's SQLite file")
+    dep = sub.add_parser("deploy", help="register the deployments and work pools with the Prefect server", formatter_class=fmt)
+    dep.add_argument("--work-dir", default=".", help="folder holding this repository on the workers (/app in the images)")
+    dep.add_argument("--gpu-slots", type=int, default=1, help="flow runs the gpu pool runs at once (one per GPU)")
+    dep.add_argument("--csv-path", default="/data/retrain.csv", help="data.path of the csv-retrain deployment")
+    dep.add_argument("--csv-target", default="label", help="data.target of the csv-retrain deployment")
+    dep.add_argument("--timezone", default="Europe/Berlin", help="timezone of the cron schedules")
     show = sub.add_parser("config", help="print a preset or file's resolved config as YAML", formatter_class=fmt)
     show.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset")
     show.add_argument("--config", default=None, help="YAML file")
@@ -102,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     if args.command in ("runs", "champion", "promote"):
         return _registry_command(args)
+    if args.command == "deploy":
+        from pipelines.deployments import deploy
+
+        ids = deploy(args.work_dir, args.gpu_slots, csv_path=args.csv_path, csv_target=args.csv_target, timezone=args.timezone)
+        for name, deployment_id in ids.items():
+            print(f"{name}  {deployment_id}")
+        return 0
     try:
         cfg = _load(args)
     except ConfigError as exc:
@@ -117,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.flow import train_flow
 
     try:
-        summary = train_flow(cfg)
+        summary = train_flow(cfg, force=args.force)
     except Exception as exc:
         print(f"trainyard: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    if args.json:
+    if summary.get("skipped"):
+        print(json.dumps(summary) if args.json else f"skipped: nothing changed ({summary['reason']})")
+    elif args.json:
         json.dump(summary, sys.stdout, sort_keys=True)
         sys.stdout.write("\n")
     else:

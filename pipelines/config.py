@@ -229,7 +229,7 @@ class StorageConfig(Section):
     uri: str = Field(
         "",
         title="Artifact store",
-        description="file:///path, a local folder or s3://bucket/prefix; empty: the state folder's artifacts/.",
+        description="file:///path, a local folder or s3://bucket/prefix; empty: TRAINYARD_STORAGE_URI, else the state folder's artifacts/.",
     )
     endpoint_url: str = Field(
         "",
@@ -442,4 +442,6 @@ def resolve_tracking_uri(cfg: TrainConfig, env: dict[str, str] | None = None) ->
 
 
 def resolve_storage_uri(cfg: TrainConfig, env: dict[str, str] | None = None) -> str:
-    return cfg.storage.uri or (state_dir(env) / "artifacts").as_uri()
+    """storage.uri, else TRAINYARD_STORAGE_URI (set once on a service's workers), else the state folder."""
+    env = os.environ if env is None else env
+    return cfg.storage.uri or env.get("TRAINYARD_STORAGE_URI") or (state_dir(env) / "artifacts").as_uri()

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
 from pipelines import steps
 from pipelines.config import TrainConfig, resolve_storage_uri, resolve_tracking_uri, state_dir
@@ -24,6 +25,7 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
 
 # Our own cache is the content-hash keyed dataset folder; Prefect's input hashing is not needed.
 preflight_task = task(steps.preflight, name="preflight", cache_policy=NO_CACHE)
+unchanged_task = task(steps.unchanged_since_champion, name="check-unchanged", cache_policy=NO_CACHE)
 start_task = task(steps.start, name="start-run", cache_policy=NO_CACHE, **IO_RETRIES)
 ingest_task = task(steps.ingest_data, name="ingest", cache_policy=NO_CACHE)
 train_task = task(steps.train, name="train", cache_policy=NO_CACHE)
@@ -32,13 +34,28 @@ store_task = task(steps.store_artifacts, name="store-artifacts", cache_policy=NO
 publish_task = task(steps.publish, name="publish", cache_policy=NO_CACHE)
 
 
+SKIPPED = "Skipped"
+
+
 @flow(name="trainyard-train", validate_parameters=True)
-def train_flow(cfg: TrainConfig = TrainConfig()) -> dict[str, Any]:
-    """Train, evaluate and publish one model as the config says; return the run's summary."""
+def train_flow(cfg: TrainConfig = TrainConfig(), force: bool = False, train_deployment: str = "") -> dict[str, Any] | State:
+    """Train, evaluate and publish one model as the config says; return the run's summary.
+
+    Args:
+        cfg: the run's configuration, one section per stage.
+        force: train even when data, config and code match the current champion's run.
+        train_deployment: run the training step as this deployment (e.g. 'trainyard-train-step/gpu', on
+            the gpu work pool) instead of in this process; needs an s3:// artifact store.
+    """
     state = state_dir()
     tracking_uri = resolve_tracking_uri(cfg)
     storage_uri = resolve_storage_uri(cfg)
     preflight_task(cfg, tracking_uri, storage_uri)
+    if not force:
+        reason = unchanged_task(cfg, state, tracking_uri)
+        if reason:
+            log.info("skipped: nothing changed (%s)", reason)
+            return Completed(name=SKIPPED, message=f"skipped: nothing changed; {reason}", data={"skipped": True, "reason": reason})
     run_id = start_task(cfg, tracking_uri, str(flow_run.id or ""))
     run_name = tracking.run_name_of(tracking_uri, run_id)
     run_dir = state / "runs" / run_id
@@ -48,7 +65,14 @@ def train_flow(cfg: TrainConfig = TrainConfig()) -> dict[str, Any]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         dataset = ingest_task(cfg, state, tracking_uri, run_id, storage_uri)
-        result = train_task(cfg, dataset["path"], tracking_uri, run_id, str(run_dir), str(tb_dir))
+        if train_deployment:
+            from pipelines.remote import train_remotely
+
+            result = task(train_remotely, name="train-remote", cache_policy=NO_CACHE)(
+                train_deployment, cfg, dataset["key"], run_id, tracking_uri, storage_uri, str(run_dir), str(tb_dir)
+            )
+        else:
+            result = train_task(cfg, dataset["path"], tracking_uri, run_id, str(run_dir), str(tb_dir))
         evaluation = evaluate_task(cfg, dataset["path"], result["checkpoint"], str(run_dir))
         stored = store_task(cfg, dataset["path"], result["checkpoint"], evaluation, run_id, storage_uri, str(run_dir), str(tb_dir))
         published = publish_task(

@@ -28,18 +28,27 @@ from tasks.train import load_weights, train_model
 log = logging.getLogger("trainyard.flow")
 
 
-def git_sha() -> str:
-    """The code version: TRAINYARD_GIT_SHA (set in images), else `git rev-parse HEAD`, else ''."""
-    if os.environ.get("TRAINYARD_GIT_SHA"):
-        return os.environ["TRAINYARD_GIT_SHA"]
+def _git(*args: str) -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
-            cwd=Path(__file__).resolve().parent,
-        )  # fmt: skip
+            ["git", *args], capture_output=True, text=True, timeout=5, check=True, cwd=Path(__file__).resolve().parent
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip()
+
+
+def git_sha() -> str:
+    """The commit: TRAINYARD_GIT_SHA (set in images), else `git rev-parse HEAD`, else ''."""
+    return os.environ.get("TRAINYARD_GIT_SHA") or _git("rev-parse", "HEAD")
+
+
+def code_version() -> str:
+    """The commit, marked `-dirty` when tracked files differ from it (then it proves nothing)."""
+    sha = git_sha()
+    if sha and not os.environ.get("TRAINYARD_GIT_SHA") and _git("status", "--porcelain", "--untracked-files=no"):
+        return f"{sha}-dirty"
+    return sha
 
 
 def versions() -> dict[str, str]:
@@ -64,14 +73,47 @@ def preflight(cfg: TrainConfig, tracking_uri: str, storage_uri: str) -> None:
     store_for(cfg, storage_uri).preflight()
 
 
+def config_hash(cfg: TrainConfig) -> str:
+    """What the config asks for, minus names that do not change the model (run name)."""
+    import hashlib
+
+    data = cfg.model_dump(mode="json")
+    data["tracking"].pop("run_name", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def unchanged_since_champion(cfg: TrainConfig, state: Path, tracking_uri: str) -> str:
+    """A reason to skip when data hash, config and code version all match the champion's run; else ''."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.ingest import identity
+
+    model_name = cfg.tracking.registered_model or cfg.tracking.experiment
+    champ = champion.current_champion(tracking_uri, model_name)
+    code = code_version()
+    if champ is None or not code or code.endswith("-dirty"):
+        return ""
+    tags = MlflowClient(tracking_uri).get_run(champ.run_id).data.tags
+    _key, content_hash = identity(cfg.data, state)
+    same = (
+        tags.get("data.hash") == content_hash
+        and tags.get("config.hash") == config_hash(cfg)
+        and tags.get("code.version") == code
+    )
+    if not same:
+        return ""
+    return f"data {content_hash[:12]}, config and code {code[:12]} match champion {model_name} v{champ.version} (run {champ.run_id})"
+
+
 def start(cfg: TrainConfig, tracking_uri: str, flow_run_id: str = "") -> str:
     """Open the MLflow run: the flattened config as params; flow run, code and package versions as tags."""
-    tags = {"trainyard.source": cfg.data.source, "trainyard.model": cfg.model.name}
+    tags = {"trainyard.source": cfg.data.source, "trainyard.model": cfg.model.name, "config.hash": config_hash(cfg)}
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
     sha = git_sha()
     if sha:
         tags["mlflow.source.git.commit"] = sha
+        tags["code.version"] = code_version()
     tags.update({f"version.{k}": v for k, v in versions().items()})
     run_id = tracking.start_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name, tags)
     tracking.MlflowTracker(tracking_uri, run_id).log_params(cfg.flat())

@@ -21,6 +21,21 @@ from tasks.prepared import SCHEMA_FILE, TENSORS_FILE, dataset_dir, is_complete, 
 log = logging.getLogger("trainyard.ingest")
 
 
+def identity(data_cfg, state_root: Path) -> tuple[str, str]:
+    """(cache key, content hash) of the configured data, without building anything."""
+    planner = ingest_csv if data_cfg.source == "csv" else ingest_mnist
+    key, content_hash, _ = planner(data_cfg, Path(state_root))
+    return key, content_hash
+
+
+def fetch_prepared(store, key: str, state_root: Path) -> Path:
+    """The local folder of prepared dataset `key`, fetched from the shared store when not cached here."""
+    folder = dataset_dir(Path(state_root), key)
+    if is_complete(folder) or _fetch(store, key, folder):
+        return folder
+    raise FileNotFoundError(f"prepared dataset {key} is neither in {folder.parent} nor in {store.uri}/datasets/")
+
+
 def _fetch(store, key: str, folder: Path) -> bool:
     """Copy a prepared dataset from the shared store into the local cache; False when it is not there."""
     prefix = f"datasets/{key}"

@@ -20,6 +20,7 @@ def state_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "state"
     monkeypatch.setenv("TRAINYARD_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("TRAINYARD_STORAGE_URI", raising=False)
     return home
 
 

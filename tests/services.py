@@ -88,10 +88,56 @@ def mlflow_server(backend_uri: str, artifacts_destination: str, s3_endpoint: str
             wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
             yield f"http://127.0.0.1:{port}", proc
         finally:
-            import signal
+            stop_group(proc)
 
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGKILL)
+
+@contextmanager
+def prefect_server(database_url: str, home: Path, log_path: Path):
+    """`prefect server start` on 127.0.0.1, on a PostgreSQL database, as in the deploy stack."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=database_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_SERVER_API_PORT=str(port),
+    )
+    env.pop("PREFECT_API_URL", None)
+    exe = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([exe, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180, proc=proc)
+            yield f"http://127.0.0.1:{port}/api"
+        finally:
+            stop_group(proc)
+
+
+@contextmanager
+def prefect_worker(api_url: str, pool: str, env_extra: dict[str, str], log_path: Path, limit: int = 1):
+    env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_EXTRA_LOGGERS="trainyard", **env_extra)  # fmt: skip
+    exe = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([exe, "worker", "start", "--pool", pool, "--limit", str(limit), "--type", "process"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            yield proc
+        finally:
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -103,6 +103,9 @@ def test_state_dir_and_storage_default(tmp_path):
     assert state_dir({"TRAINYARD_HOME": str(tmp_path / "h")}) == tmp_path / "h"
     assert state_dir({}).name == ".trainyard"
     assert resolve_storage_uri(TrainConfig(), {"TRAINYARD_HOME": str(tmp_path / "h")}) == (tmp_path / "h" / "artifacts").as_uri()
+    assert resolve_storage_uri(TrainConfig(), {"TRAINYARD_STORAGE_URI": "s3://b/p"}) == "s3://b/p"
+    explicit = TrainConfig(storage={"uri": "file:///x"})
+    assert resolve_storage_uri(explicit, {"TRAINYARD_STORAGE_URI": "s3://b/p"}) == "file:///x"
 
 
 def test_flat_params_are_stable_keys():

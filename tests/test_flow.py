@@ -95,8 +95,8 @@ def test_mnist_flow_on_small_idx_files(tmp_path, state_home):
     assert summary["test_metrics"]["test/accuracy"] > 0.9  # the synthetic digits are easy
     cm = Path(state_home / "runs" / summary["mlflow_run_id"] / "eval" / "confusion_matrix.csv").read_text().splitlines()
     assert cm[0].split(",")[1:] == [str(i) for i in range(10)]
-    # a second run reuses the prepared dataset
-    again = train_flow(cfg)
+    # a second run (forced: nothing changed) reuses the prepared dataset
+    again = train_flow(cfg, force=True)
     assert again["dataset"]["reused"] and again["dataset"]["key"] == summary["dataset"]["key"]
 
 
@@ -150,3 +150,23 @@ def test_cli_table_and_config_errors(toy_csv, capsys):
     assert main(["train", "--preset", "csv", "--set", "optim.name=adamm"]) == 2
     err = capsys.readouterr().err
     assert "optim.name" in err and "'adam'" in err
+
+
+def test_unchanged_run_is_skipped_unless_forced(toy_csv, state_home, monkeypatch):
+    import pipelines.steps as steps
+    from pipelines.flow import train_flow
+
+    monkeypatch.setenv("TRAINYARD_GIT_SHA", "0123456789abcdef")  # a known, clean code version
+    cfg = csv_config(toy_csv, "train.epochs=2", "tracking.log_model=true")
+    first = train_flow(cfg)
+    state = train_flow(cfg, return_state=True)
+    assert state.name == "Skipped" and state.message.startswith("skipped: nothing changed")
+    assert state.result()["skipped"] and len(runs_of(state_home)) == 1
+    assert train_flow(cfg, force=True)["mlflow_run_id"] != first["mlflow_run_id"]
+    # a change of code or config trains again
+    uri = f"sqlite:///{state_home / 'mlflow.db'}"
+    assert steps.unchanged_since_champion(cfg, state_home, uri).startswith("data ")
+    monkeypatch.setenv("TRAINYARD_GIT_SHA", "fedcba9876543210")
+    assert steps.unchanged_since_champion(cfg, state_home, uri) == ""
+    monkeypatch.setenv("TRAINYARD_GIT_SHA", "0123456789abcdef")
+    assert "mlflow_run_id" in train_flow(csv_config(toy_csv, "train.epochs=3"))

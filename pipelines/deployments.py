@@ -1,0 +1,95 @@
+"""The deployments Trainyard registers: scheduled retrains on the `cpu` pool and the
+training step on the `gpu` pool. `trainyard deploy` applies them to a Prefect server.
+
+Every deployment enforces its parameter schema, so a bad value typed into the Prefect
+UI's form is refused before a run starts. The form comes from `TrainConfig`: titles,
+descriptions, dropdowns for the choices and bounds for the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect.client.schemas.schedules import CronSchedule
+
+from pipelines.config import load_config
+
+TIMEZONE = "Europe/Berlin"
+CPU_POOL, GPU_POOL = "cpu", "gpu"
+
+
+@dataclass
+class Plan:
+    name: str
+    flow: str  # "train" or "train-step"
+    pool: str
+    description: str
+    cron: str = ""
+    timezone: str = TIMEZONE
+    parameters: dict[str, Any] = field(default_factory=dict)
+    concurrency_limit: int | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+def plans(csv_path: str = "/data/retrain.csv", csv_target: str = "label", timezone: str = TIMEZONE) -> list[Plan]:
+    mnist = load_config("mnist", env={}).model_dump(mode="json")
+    csv = load_config("csv", overrides=[f"data.path={csv_path}", f"data.target={csv_target}"], env={}).model_dump(mode="json")
+    return [
+        Plan("nightly-mnist", "train", CPU_POOL, "Retrain the MNIST preset every night at 02:00.", cron="0 2 * * *",
+             timezone=timezone, parameters={"cfg": mnist}, tags=["scheduled", "mnist"]),
+        Plan("csv-retrain", "train", CPU_POOL, "Retrain on the CSV every Monday at 03:30.", cron="30 3 * * 1",
+             timezone=timezone, parameters={"cfg": csv}, tags=["scheduled", "csv"]),
+        Plan("on-demand", "train", CPU_POOL, "Train once, with the parameters given in the UI.",
+             parameters={"cfg": mnist}, tags=["manual"]),
+        Plan(GPU_POOL, "train-step", GPU_POOL, "The training step alone, for parents with train_deployment set.",
+             concurrency_limit=1, tags=["gpu"]),
+    ]  # fmt: skip
+
+
+def _flow(kind: str):
+    if kind == "train":
+        from pipelines.flow import train_flow
+
+        return train_flow
+    from pipelines.remote import train_step_flow
+
+    return train_step_flow
+
+
+def ensure_pools(gpu_slots: int = 1) -> None:
+    """Create the `cpu` and `gpu` process pools when missing; the gpu pool runs `gpu_slots` flows at a time."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        for name, limit in ((CPU_POOL, None), (GPU_POOL, gpu_slots)):
+            try:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process", concurrency_limit=limit))
+            except ObjectAlreadyExists:
+                pass
+
+
+def deploy(work_dir: str | os.PathLike = ".", gpu_slots: int = 1, **plan_args: Any) -> dict[str, str]:
+    """Apply every plan; return deployment name -> id. `work_dir` is where workers find the code."""
+    work_dir = str(Path(work_dir).resolve())
+    ensure_pools(gpu_slots)
+    ids: dict[str, str] = {}
+    for plan in plans(**plan_args):
+        flow = _flow(plan.flow)
+        deployment = flow.to_deployment(
+            name=plan.name,
+            description=plan.description,
+            schedules=[CronSchedule(cron=plan.cron, timezone=plan.timezone)] if plan.cron else None,
+            parameters=plan.parameters,
+            enforce_parameter_schema=True,
+            work_pool_name=plan.pool,
+            job_variables={"working_dir": work_dir},
+            concurrency_limit=plan.concurrency_limit,
+            tags=plan.tags,
+        )
+        ids[f"{flow.name}/{plan.name}"] = str(deployment.apply(work_pool_name=plan.pool))
+    return ids

@@ -1,0 +1,188 @@
+"""A real Prefect server on PostgreSQL with process workers on the `cpu` and `gpu` pools:
+deployments registered by `trainyard deploy`, runs triggered through the API as the UI
+does, the parameter form's schema, the skip-when-unchanged path and the gpu train step."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import boto3
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+from tests.services import FAKE_KEYS, S3Endpoint, postgres_database, prefect_server, prefect_worker
+
+pytestmark = pytest.mark.service
+BUCKET = "orchestration"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Server, S3 endpoint, deployments and both workers; yields what tests need."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = tmp_path_factory.mktemp("orchestration")
+    s3 = S3Endpoint()
+    saved = {k: os.environ.get(k) for k in (*FAKE_KEYS, "AWS_DEFAULT_REGION")}
+    os.environ.update(FAKE_KEYS, AWS_DEFAULT_REGION="us-east-1")
+    s3.start()
+    boto3.client("s3", endpoint_url=s3.url).create_bucket(Bucket=BUCKET)
+    worker_env = {
+        "TRAINYARD_HOME": str(root / "worker-state"),
+        "TRAINYARD_GIT_SHA": "abc123def456",  # a clean, known code version for the skip check
+        "AWS_DEFAULT_REGION": "us-east-1",
+        **FAKE_KEYS,
+    }
+    try:
+        with postgres_database("trainyard_prefect") as (url, _name):
+            asyncpg_url = url.replace("postgresql://", "postgresql+asyncpg://")
+            with prefect_server(asyncpg_url, root / "prefect-home", root / "server.log") as api:
+                with temporary_settings(updates={PREFECT_API_URL: api}):
+                    from pipelines.deployments import deploy
+
+                    ids = deploy(REPO, gpu_slots=1, csv_path="/data/retrain.csv", csv_target="label")
+                    with prefect_worker(api, "cpu", worker_env, root / "cpu-worker.log", limit=2), \
+                         prefect_worker(api, "gpu", worker_env, root / "gpu-worker.log", limit=1):  # fmt: skip
+                        yield {"api": api, "ids": ids, "root": root, "s3": s3}
+    finally:
+        s3.stop()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def client_for(stack):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class Ctx:
+        def __enter__(self):
+            self.settings = temporary_settings(updates={PREFECT_API_URL: stack["api"]})
+            self.settings.__enter__()
+            self.client = get_client(sync_client=True)
+            return self.client.__enter__()
+
+        def __exit__(self, *exc):
+            self.client.__exit__(*exc)
+            self.settings.__exit__(*exc)
+
+    return Ctx()
+
+
+def wait_final(client, flow_run_id, timeout=420):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(flow_run_id)
+        if run.state and run.state.is_final():
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout} s")
+
+
+def csv_parameters(stack, toy_csv, experiment, **train):
+    from pipelines.config import load_config
+
+    overrides = [f"data.path={toy_csv}", "data.target=label", "data.drop=[id]",
+                 f"tracking.uri=sqlite:///{stack['root'] / 'mlflow.db'}", f"tracking.experiment={experiment}",
+                 *[f"train.{k}={v}" for k, v in train.items()]]  # fmt: skip
+    return {"cfg": load_config("csv", overrides=overrides, env={}).model_dump(mode="json")}
+
+
+def test_schedules_and_pools_are_registered(stack):
+    with client_for(stack) as client:
+        nightly = client.read_deployment_by_name("trainyard-train/nightly-mnist")
+        csv = client.read_deployment_by_name("trainyard-train/csv-retrain")
+        gpu = client.read_deployment_by_name("trainyard-train-step/gpu")
+        assert nightly.schedules[0].schedule.cron == "0 2 * * *" and nightly.schedules[0].schedule.timezone == "Europe/Berlin"
+        assert csv.schedules[0].schedule.cron == "30 3 * * 1"
+        assert nightly.work_pool_name == "cpu" and gpu.work_pool_name == "gpu"
+        assert nightly.parameters["cfg"]["model"]["name"] == "cnn"
+        assert csv.parameters["cfg"]["data"]["path"] == "/data/retrain.csv"
+        assert client.read_work_pool("gpu").concurrency_limit == 1
+        limit = gpu.global_concurrency_limit.limit if gpu.global_concurrency_limit else gpu.concurrency_limit
+        assert limit == 1  # one training at a time on the gpu pool
+
+
+def test_the_ui_form_schema(stack):
+    with client_for(stack) as client:
+        dep = client.read_deployment_by_name("trainyard-train/on-demand")
+    assert dep.enforce_parameter_schema
+    schema = dep.parameter_openapi_schema
+    defs = schema["definitions"]
+    assert schema["properties"]["cfg"]["$ref"] == "#/definitions/TrainConfig"
+    assert schema["properties"]["force"]["type"] == "boolean"
+    for section in ("DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainSection", "TrackingConfig", "StorageConfig"):
+        for name, prop in defs[section]["properties"].items():
+            assert prop.get("title") and prop.get("description"), f"{section}.{name} lacks a title or description"
+            assert "anyOf" not in prop or name == "kwargs", f"{section}.{name} renders as an Optional toggle"
+    assert defs["ModelConfig"]["properties"]["name"]["enum"] == ["linear", "mlp", "cnn"]
+    assert "adamw" in defs["OptimConfig"]["properties"]["name"]["enum"]
+    assert "onecycle" in defs["ScheduleConfig"]["properties"]["name"]["enum"]
+    assert defs["TrainSection"]["properties"]["device"]["enum"] == ["auto", "cpu", "cuda", "mps"]
+    assert defs["DataConfig"]["properties"]["task"]["enum"] == ["auto", "classification", "regression"]
+    epochs = defs["TrainSection"]["properties"]["epochs"]
+    assert epochs["minimum"] == 1 and epochs["maximum"] == 10000
+    assert defs["OptimConfig"]["properties"]["lr"]["exclusiveMinimum"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [("train", "epochs", 0), ("model", "name", "resnet"), ("optim", "lr", -1.0), ("train", "device", "tpu"), ("train", "bogus", 1)],
+)
+def test_bad_parameters_are_refused_before_a_run(stack, section, key, value):
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with client_for(stack) as client:
+        dep = client.read_deployment_by_name("trainyard-train/on-demand")
+        params = {"cfg": {**dep.parameters["cfg"], section: {**dep.parameters["cfg"][section], key: value}}}
+        with pytest.raises(PrefectHTTPStatusError) as err:
+            client.create_flow_run_from_deployment(dep.id, parameters=params)
+        assert err.value.response.status_code in (409, 422)
+
+
+def test_ui_triggered_run_then_skip_then_force(stack, toy_csv):
+    experiment = f"orch-{uuid.uuid4().hex[:6]}"
+    params = csv_parameters(stack, toy_csv, experiment, epochs=3)
+    mlflow = MlflowClient(f"sqlite:///{stack['root'] / 'mlflow.db'}")
+    with client_for(stack) as client:
+        dep = client.read_deployment_by_name("trainyard-train/on-demand")
+        run = wait_final(client, client.create_flow_run_from_deployment(dep.id, parameters=params).id)
+        assert run.state.is_completed(), run.state
+        exp = mlflow.get_experiment_by_name(experiment)
+        (first,) = mlflow.search_runs([exp.experiment_id])
+        assert first.info.status == "FINISHED" and first.data.params["train.epochs"] == "3"  # the changed parameter
+        assert first.data.tags["prefect.flow_run_id"] == str(run.id)
+        assert "test/accuracy" in first.data.metrics
+        assert (stack["root"] / "worker-state" / "artifacts" / experiment / first.info.run_id / "manifest.json").is_file()
+        # nothing changed: the scheduled-style rerun skips
+        skipped = wait_final(client, client.create_flow_run_from_deployment(dep.id, parameters=params).id)
+        assert skipped.state.name == "Skipped" and "skipped: nothing changed" in skipped.state.message
+        assert len(mlflow.search_runs([exp.experiment_id])) == 1
+        # force trains anyway
+        forced = wait_final(client, client.create_flow_run_from_deployment(dep.id, parameters={**params, "force": True}).id)
+        assert forced.state.is_completed() and forced.state.name == "Completed"
+        assert len(mlflow.search_runs([exp.experiment_id])) == 2
+
+
+def test_training_step_runs_on_the_gpu_pool(stack, toy_csv):
+    experiment = f"orch-gpu-{uuid.uuid4().hex[:6]}"
+    params = csv_parameters(stack, toy_csv, experiment, epochs=3)
+    params["cfg"]["storage"].update(uri=f"s3://{BUCKET}/runs", endpoint_url=stack["s3"].url)
+    params["train_deployment"] = "trainyard-train-step/gpu"
+    mlflow = MlflowClient(f"sqlite:///{stack['root'] / 'mlflow.db'}")
+    with client_for(stack) as client:
+        dep = client.read_deployment_by_name("trainyard-train/on-demand")
+        run = wait_final(client, client.create_flow_run_from_deployment(dep.id, parameters=params).id)
+        assert run.state.is_completed(), run.state
+        (mrun,) = mlflow.search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])
+        assert mrun.info.status == "FINISHED" and mrun.data.tags["train.deployment"] == "trainyard-train-step/gpu"
+        step = client.read_flow_run(mrun.data.tags["train.flow_run_id"])
+        assert step.state.is_completed()
+        gpu = client.read_deployment_by_name("trainyard-train-step/gpu")
+        assert step.deployment_id == gpu.id
+        assert [m.step for m in mlflow.get_metric_history(mrun.info.run_id, "train/loss")] == [1, 2, 3]
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=stack["s3"].url).list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert f"runs/handoffs/{mrun.info.run_id}/best.pt" in keys
+    assert f"runs/{experiment}/{mrun.info.run_id}/manifest.json" in keys
