@@ -215,6 +215,10 @@ class TrackingConfig(Section):
     run_name: str = Field("", max_length=200, title="Run name", description="MLflow run name; empty: generated.")
     tensorboard: bool = Field(True, title="TensorBoard", description="Write TensorBoard event files.")
     log_model: bool = Field(True, title="Log model", description="Log the model to MLflow with a signature.")
+    flush_timeout: float = Field(
+        120.0, ge=0.0, le=3600.0, title="Metric flush timeout",
+        description="Seconds to wait for an unreachable MLflow server at the end of training before failing the run.",
+    )
     registered_model: str = Field(
         "", max_length=200, title="Registered model", description="Model registry name; empty: the experiment's name."
     )

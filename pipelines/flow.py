@@ -50,6 +50,7 @@ def train_flow(cfg: TrainConfig = TrainConfig(), force: bool = False, train_depl
     state = state_dir()
     tracking_uri = resolve_tracking_uri(cfg)
     storage_uri = resolve_storage_uri(cfg)
+    tracking.configure_mlflow_client()
     preflight_task(cfg, tracking_uri, storage_uri)
     if not force:
         reason = unchanged_task(cfg, state, tracking_uri)
@@ -80,7 +81,10 @@ def train_flow(cfg: TrainConfig = TrainConfig(), force: bool = False, train_depl
             dataset["content_hash"],
         )  # fmt: skip
     except BaseException:
-        tracking.end_run(tracking_uri, run_id, "FAILED")
+        try:
+            tracking.end_run(tracking_uri, run_id, "FAILED")
+        except Exception as exc:  # the tracking server may be what failed
+            log.error("could not mark MLflow run %s FAILED: %s", run_id, exc)
         if stored is not None:
             try:
                 steps.withdraw_artifacts(cfg, storage_uri, run_id)

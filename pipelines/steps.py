@@ -142,7 +142,7 @@ def load_prepared_schema(path: str) -> dict[str, Any]:
 
 def _trackers(cfg: TrainConfig, tracking_uri: str, run_id: str, tb_dir: str) -> tracking.Tracker:
     tb = tracking.TensorBoardTracker(tb_dir) if cfg.tracking.tensorboard else None
-    return tracking.MultiTracker(tracking.MlflowTracker(tracking_uri, run_id), tb)
+    return tracking.MultiTracker(tracking.MlflowTracker(tracking_uri, run_id, flush_timeout=cfg.tracking.flush_timeout), tb)
 
 
 def train(cfg: TrainConfig, dataset_path: str, tracking_uri: str, run_id: str, run_dir: str, tb_dir: str) -> dict[str, Any]:

@@ -58,8 +58,14 @@ class MultiTracker(Tracker):
             t.log_text(tag, text)
 
     def close(self):
+        errors = []
         for t in self.trackers:
-            t.close()
+            try:
+                t.close()
+            except Exception as exc:  # close the others (TensorBoard flushes its files) before reporting
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
 
 class TensorBoardTracker(Tracker):
@@ -93,13 +99,22 @@ class TensorBoardTracker(Tracker):
 
 
 class MlflowTracker(Tracker):
-    """Logs into one existing MLflow run by id; one `log_batch` call per `log_metrics`."""
+    """Logs into one existing MLflow run by id; one `log_batch` call per `log_metrics`.
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    When the server is unreachable, metrics are kept in a buffer and sent with the next
+    call; `close()` waits at most `flush_timeout` seconds for the server to come back,
+    then raises TrackingUnavailable naming the epochs that were not recorded.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_timeout: float = 120.0, retry_every: float = 2.0):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.flush_timeout = flush_timeout
+        self.retry_every = retry_every
+        self.pending: list[Any] = []
 
     def log_params(self, params):
         from mlflow.entities import Param
@@ -112,9 +127,36 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        self.pending.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+        try:
+            self._flush()
+        except Exception as exc:  # the server went away: keep the metrics, try again later
+            if not _is_unreachable(exc):
+                raise
+            log.warning("MLflow server %s unreachable (%s); %d metric values buffered", self.tracking_uri, type(exc).__name__, len(self.pending))
+
+    def _flush(self) -> None:
+        while self.pending:
+            batch = self.pending[:1000]
+            self.client.log_batch(self.run_id, metrics=batch)
+            del self.pending[: len(batch)]
+
+    def close(self) -> None:
+        deadline = time.monotonic() + self.flush_timeout
+        while self.pending:
+            try:
+                self._flush()
+                log.info("buffered metrics sent to MLflow")
+            except Exception as exc:
+                if not _is_unreachable(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    steps = sorted({m.step for m in self.pending})
+                    raise TrackingUnavailable(
+                        f"MLflow server {self.tracking_uri} stayed unreachable for {self.flush_timeout:.0f} s; "
+                        f"metrics of steps {steps} of run {self.run_id} were not recorded"
+                    ) from None
+                time.sleep(self.retry_every)
 
     def log_image(self, tag, png_path, step=0):
         self.client.log_artifact(self.run_id, png_path, artifact_path="plots")
@@ -205,6 +247,26 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
 
 class TrackingUnavailable(RuntimeError):
     pass
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """Connection failures and 5xx answers, however MLflow's REST client wraps them."""
+    import requests
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return any(s in text for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "status code 50", "timed out"))
+
+
+def configure_mlflow_client(env: dict | None = None) -> None:
+    """Bound MLflow's own HTTP retries (by default about two minutes per call), so buffering takes over."""
+    import os
+
+    env = os.environ if env is None else env
+    env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    env.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def log_torch_model(

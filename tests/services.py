@@ -75,14 +75,14 @@ def postgres_database(prefix: str = "trainyard_test"):
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, artifacts_destination: str, s3_endpoint: str, log_path: Path):
+def mlflow_server(backend_uri: str, artifacts_destination: str, s3_endpoint: str, log_path: Path, port: int = 0):
     """`mlflow server` with a database backend and proxied S3 artifacts; its clients need no S3 keys."""
-    port = free_port()
+    port = port or free_port()
     env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_endpoint, AWS_DEFAULT_REGION="us-east-1", **FAKE_KEYS)
     exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     cmd = [exe, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_destination,
            "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
