@@ -1,9 +1,27 @@
-"""A convolutional net for any CxHxW input: Conv2d/activation/MaxPool blocks, then an MLP head."""
+"""A convolutional net for any CxHxW input: Conv2d/activation(/MaxPool) blocks, then an MLP head.
+
+Options (all on the model config): one kernel size per block (`kernel_sizes`), `same` or
+`valid` padding, pooling after each block or only after the last, and dropout between the
+conv stack and the head. With `channels=[32, 64]`, `padding=valid`, `pool=last`,
+`conv_dropout=0.25`, `hidden=[128]`, `dropout=0.5` it is the pytorch/examples MNIST net.
+"""
 
 from torch import nn
 
 from models.mlp import mlp_layers
 from models.registry import ModelError, activation, register
+
+
+def _kernel_sizes(cfg) -> list[int]:
+    sizes = list(getattr(cfg, "kernel_sizes", None) or [])
+    if not sizes:
+        return [cfg.kernel_size] * len(cfg.channels)
+    if len(sizes) != len(cfg.channels):
+        raise ModelError(
+            f"model 'cnn': kernel_sizes {sizes} has {len(sizes)} entries but channels {list(cfg.channels)} "
+            f"has {len(cfg.channels)}; give one kernel size per conv block (or none)"
+        )
+    return sizes
 
 
 @register("cnn")
@@ -14,15 +32,28 @@ def build_cnn(input_shape: list[int], output_size: int, cfg) -> nn.Module:
             f"(use 'mlp' or 'linear' for tables)"
         )
     channels, height, width = input_shape
+    valid = getattr(cfg, "padding", "same") == "valid"
+    pool_each = getattr(cfg, "pool", "each") == "each"
+    kernels = _kernel_sizes(cfg)
     blocks: list[nn.Module] = []
-    for out_channels in cfg.channels:
-        blocks.append(nn.Conv2d(channels, out_channels, cfg.kernel_size, padding=cfg.kernel_size // 2))
+    for i, (out_channels, k) in enumerate(zip(cfg.channels, kernels)):
+        if valid and (height < k or width < k):
+            raise ModelError(f"model 'cnn': a {k}x{k} valid conv does not fit the {height}x{width} maps of block {i + 1}")
+        blocks.append(nn.Conv2d(channels, out_channels, k, padding=0 if valid else k // 2))
+        if valid:
+            height, width = height - k + 1, width - k + 1
+        else:  # 'same' for odd kernels; an even kernel grows the map by one
+            height, width = height + 2 * (k // 2) - k + 1, width + 2 * (k // 2) - k + 1
         if cfg.batch_norm:
             blocks.append(nn.BatchNorm2d(out_channels))
         blocks.append(activation(cfg.activation))
-        if height >= 2 and width >= 2:  # pool while there is something left to pool
+        last = i == len(cfg.channels) - 1
+        if (pool_each or last) and height >= 2 and width >= 2:  # pool while there is something left to pool
             blocks.append(nn.MaxPool2d(2))
             height, width = height // 2, width // 2
         channels = out_channels
+    conv_dropout = getattr(cfg, "conv_dropout", 0.0)
+    if conv_dropout > 0:
+        blocks.append(nn.Dropout(conv_dropout))
     head = mlp_layers(channels * height * width, list(cfg.hidden), output_size, cfg.activation, cfg.dropout)
     return nn.Sequential(*blocks, nn.Flatten(), *head)

@@ -30,6 +30,17 @@ ModelName = Literal["linear", "mlp", "cnn"]
 Activation = Literal["relu", "gelu", "tanh", "sigmoid", "leaky_relu", "silu", "elu"]
 
 
+def _no_credentials(v: str, where: str, env_hint: str) -> str:
+    """Secrets come from the environment, never from the config (it is logged, stored and shown in the UI)."""
+    from urllib.parse import urlsplit
+
+    if "://" in v:
+        parts = urlsplit(v)
+        if parts.password or (parts.username and parts.scheme in ("http", "https", "s3")):
+            raise ValueError(f"{where} must not hold credentials (user:password@); set {env_hint} in the environment instead")
+    return v
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run: the message says which key and what was expected."""
 
@@ -222,6 +233,12 @@ class TrackingConfig(Section):
     registered_model: str = Field(
         "", max_length=200, title="Registered model", description="Model registry name; empty: the experiment's name."
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_without_secrets(cls, v: str) -> str:
+        return _no_credentials(v, "tracking.uri", "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+
     champion_metric: str = Field(
         "auto",
         title="Champion metric",
@@ -247,7 +264,12 @@ class StorageConfig(Section):
     def _known_scheme(cls, v: str) -> str:
         if "://" in v and not v.startswith(("file://", "s3://")):
             raise ValueError(f"expected file:///path, a local folder or s3://bucket/prefix, got {v!r}")
-        return v
+        return _no_credentials(v, "storage.uri", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_without_secrets(cls, v: str) -> str:
+        return _no_credentials(v, "storage.endpoint_url", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
 
 
 class TrainConfig(Section):

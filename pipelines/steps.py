@@ -70,6 +70,7 @@ def store_for(cfg: TrainConfig, storage_uri: str) -> ArtifactStore:
 def preflight(cfg: TrainConfig, tracking_uri: str, storage_uri: str) -> None:
     """Fail at once, before any data is read or a model trained, when a service is unusable."""
     tracking.check_reachable(tracking_uri)
+    tracking.init_store(tracking_uri)
     store_for(cfg, storage_uri).preflight()
 
 

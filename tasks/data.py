@@ -1,9 +1,12 @@
 """Data stage: Datasets and DataLoaders over a prepared dataset's tensors.
 
-The tensors are converted once when loaded (uint8 images scaled and normalised to
-float32); a batch is cut by indexing those tensors, never by building samples from
-pandas rows. `__getitems__` lets the DataLoader fetch a whole batch with one index
-operation instead of one `__getitem__` call and a collate per sample.
+`TensorSplit.from_prepared` converts a split once (uint8 images scaled and normalised to
+float32; evaluation uses it). Training goes through tasks/batching.py, which keeps the
+stored tensors as they are (uint8 stays uint8) and normalises each batch on the device;
+its fallback path is `make_loader` over a `TensorSplit` of the stored tensors. Either
+way a batch is cut by indexing tensors, never by building samples from pandas rows:
+`__getitems__` lets the DataLoader fetch a whole batch with one index operation instead
+of one `__getitem__` call and a collate per sample.
 """
 
 from __future__ import annotations

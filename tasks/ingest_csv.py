@@ -212,8 +212,10 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
             raise DataError(
                 f"CSV file {path}: target {target!r} has only one class ({shown!r}); classification needs at least 2"
             )
-        index = {v: i for i, v in enumerate(uniques)}
-        y_all = np.fromiter((index[v] for v in raw_labels), dtype=np.int64, count=rows.size)
+        y_all = pd.Index(uniques, dtype=object).get_indexer(raw_labels.astype(object)).astype(np.int64)
+        if (y_all < 0).any():  # values the index could not match (e.g. equal but differently typed): map one by one
+            index = {v: i for i, v in enumerate(uniques)}
+            y_all = np.fromiter((index[v] for v in raw_labels), dtype=np.int64, count=rows.size)
     else:
         label_names = []
         y_all = y_numeric[rows].astype(np.float64)
@@ -246,18 +248,23 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
     X = np.empty((rows.size, width), dtype=np.float32)
     feature_names: list[str] = []
     col_i = 0
+    all_rows = rows.size == n_rows_read  # nothing dropped: no need to copy every column
     for name in features:
         if name in numeric:
-            values = numeric[name][rows]
+            values = numeric[name] if all_rows else numeric[name][rows]
+            missing = feature_missing[name] if all_rows else feature_missing[name][rows]
+            n_missing = int(missing.sum())
             train_values = values[train_idx]
-            n_missing = int(np.isnan(values).sum())
-            if np.isnan(train_values).all():
+            train_missing = n_missing and np.isnan(train_values)
+            if n_missing and train_missing.all():
                 raise DataError(f"CSV file {path}: column {name!r} has no values in the training split")
-            median = float(np.nanmedian(train_values))
+            # np.median equals np.nanmedian when nothing is missing, without nanmedian's copies
+            median = float(np.nanmedian(train_values) if n_missing and train_missing.any() else np.median(train_values))
             if n_missing:
-                values = np.where(np.isnan(values), median, values)
-            mean = float(values[train_idx].mean())
-            std = float(values[train_idx].std())
+                values = np.where(missing, median, values)
+                train_values = values[train_idx]
+            mean = float(train_values.mean())
+            std = float(train_values.std())
             if not np.isfinite(mean) or not np.isfinite(std):
                 raise DataError(f"CSV file {path}: column {name!r} has values too large to standardise (mean {mean}, std {std})")
             scale = std if std > 0 else 1.0

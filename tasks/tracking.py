@@ -182,9 +182,37 @@ def safe_name(name: str) -> str:
 # ---- the MLflow run's life --------------------------------------------------------------------
 
 
+def _sqlite_path(tracking_uri: str) -> str:
+    return tracking_uri[len("sqlite:///") :] if tracking_uri.startswith("sqlite:///") else ""
+
+
+def init_store(tracking_uri: str) -> None:
+    """Create (migrate) a SQLite tracking database under a file lock.
+
+    Several runs starting at once on one state folder would otherwise race on MLflow's
+    schema migrations. A server URI needs nothing here.
+    """
+    db = _sqlite_path(tracking_uri)
+    if not db:
+        return
+    import fcntl
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    os.makedirs(os.path.dirname(db) or ".", exist_ok=True)
+    with open(db + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
     from mlflow.tracking import MlflowClient
 
+    init_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

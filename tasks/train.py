@@ -2,7 +2,14 @@
 
 `train_model` is a plain function of a prepared dataset and the config sections it
 needs; the Prefect task in pipelines/ only wires it. The best checkpoint (by the
-validation metric) is written atomically and its path returned.
+validation metric; or the last one with train.keep=last) is written atomically and its
+path returned.
+
+The hot path: batches come from tasks/batching.py (device-resident tensors when they fit,
+the DataLoader otherwise), bf16 autocast on CUDA, channels_last for conv nets, fused
+Adam/AdamW/SGD on CUDA, torch.compile when asked. Nothing in the step loop reads a value
+back to the host: the loss is summed on the device and read once per epoch, which is
+also when the NaN check runs.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from torch import nn
 
 from models import build_model
-from tasks.data import TensorSplit, make_loader
+from tasks.batching import make_batches
 from tasks.errors import TrainingError
 from tasks.lr_lambda import compile_lr_lambda
 from tasks.prepared import Prepared
@@ -105,7 +112,11 @@ def loss_for(schema: dict[str, Any], label_smoothing: float = 0.0) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
-def build_optimizer(params: Iterable[nn.Parameter], optim_cfg) -> torch.optim.Optimizer:
+FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+def build_optimizer(params: Iterable[nn.Parameter], optim_cfg, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer; on CUDA, Adam/AdamW/SGD use their fused kernels unless kwargs say otherwise."""
     if optim_cfg.name not in OPTIMIZER_CLASSES:
         raise TrainingError(f"unknown optimizer {optim_cfg.name!r}; valid: {', '.join(sorted(OPTIMIZER_CLASSES))}")
     cls = getattr(torch.optim, OPTIMIZER_CLASSES[optim_cfg.name])
@@ -116,6 +127,11 @@ def build_optimizer(params: Iterable[nn.Parameter], optim_cfg) -> torch.optim.Op
         kwargs["momentum"] = optim_cfg.momentum
     extra = {k: tuple(v) if isinstance(v, list) else v for k, v in optim_cfg.kwargs.items()}
     kwargs.update(extra)
+    if (
+        device is not None and device.type == "cuda" and optim_cfg.name in FUSED_OPTIMIZERS
+        and not {"fused", "foreach", "differentiable"} & set(kwargs)
+    ):  # fmt: skip
+        kwargs["fused"] = True
     try:
         return cls(params, **kwargs)
     except (TypeError, ValueError) as exc:
@@ -160,8 +176,16 @@ def build_scheduler(optimizer, sched_cfg, optim_cfg, epochs: int, steps_per_epoc
         return Schedule(sched, "plateau")
     if name == "onecycle":
         max_lr = sched_cfg.max_lr or optim_cfg.lr
+        total = epochs * steps_per_epoch
+        if total < 4:
+            raise TrainingError(
+                f"schedule onecycle needs at least 4 optimizer steps, this run has {total} "
+                f"({epochs} epochs x {steps_per_epoch} batches); use more epochs, a smaller batch or another schedule"
+            )
+        # Each phase needs two steps or OneCycleLR divides by zero; only matters for very short runs.
+        pct_start = min(max(sched_cfg.pct_start, 2 / total), 1 - 2 / total)
         sched = S.OneCycleLR(
-            optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=sched_cfg.pct_start
+            optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=pct_start
         )
         return Schedule(sched, "batch")
     raise TrainingError(
@@ -251,6 +275,19 @@ def load_weights(path: str | os.PathLike) -> dict[str, Any]:
 # ---- the loop ---------------------------------------------------------------------------------
 
 
+def _compiled(model: nn.Module, train_cfg) -> nn.Module:
+    mode = getattr(train_cfg, "compile_mode", "default")
+    log.info("compiling the model (torch.compile, mode %s); the first steps include compile time", mode)
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
+def _cudagraph_step_marker(train_cfg, device: torch.device) -> Callable[[], None]:
+    """With CUDA graphs (compile_mode reduce-overhead), each training step begins a new graph step."""
+    if getattr(train_cfg, "compile", False) and device.type == "cuda" and train_cfg.compile_mode == "reduce-overhead":
+        return torch.compiler.cudagraph_mark_step_begin
+    return lambda: None
+
+
 def _progress(loader, epoch: int, epochs: int, mode: str):
     use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
     if not use_bar:
@@ -279,23 +316,22 @@ def train_model(
     channels_last = device.type == "cuda" and is_conv(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # The compiled module shares the parameters; checkpoints and validation use `model` itself.
+    forward = _compiled(model, train_cfg) if getattr(train_cfg, "compile", False) else model
+    mark_step = _cudagraph_step_marker(train_cfg, device)
 
-    train_ds = TensorSplit.from_prepared(prepared, "train")
-    val_ds = TensorSplit.from_prepared(prepared, "val")
-    pin = device.type == "cuda"
-    train_loader = make_loader(
-        train_ds, train_cfg.batch_size, shuffle=train_cfg.shuffle, num_workers=train_cfg.num_workers,
-        seed=train_cfg.seed, pin_memory=pin,
-    )  # fmt: skip
-    val_loader = make_loader(val_ds, train_cfg.eval_batch_size, shuffle=False, num_workers=0, pin_memory=pin)
+    batches = make_batches(prepared, train_cfg, device, channels_last=channels_last)
+    train_loader, val_loader = batches.train, batches.val
+    train_rows, val_rows = prepared.tensors["y_train"].shape[0], prepared.tensors["y_val"].shape[0]
 
     loss_fn = loss_for(schema, train_cfg.label_smoothing if schema["task"] == "classification" else 0.0)
     eval_loss_fn = loss_for(schema)
-    optimizer = build_optimizer(model.parameters(), optim_cfg)
+    optimizer = build_optimizer(model.parameters(), optim_cfg, device)
     maximize = schema["task"] == "classification"
     schedule = build_scheduler(optimizer, sched_cfg, optim_cfg, train_cfg.epochs, len(train_loader), maximize)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     is_lbfgs = optim_cfg.name == "lbfgs"
+    keep_last = getattr(train_cfg, "keep", "best") == "last"
 
     monitor = "val/accuracy" if maximize else "val/loss"
     best = -math.inf if maximize else math.inf
@@ -304,25 +340,23 @@ def train_model(
     history: list[dict[str, float]] = []
     log.info(
         "training %s on %s (%s) for %d epochs: %d train / %d val rows",
-        model_cfg.name, device, precision, train_cfg.epochs, len(train_ds), len(val_ds),
+        model_cfg.name, device, precision, train_cfg.epochs, train_rows, val_rows,
     )  # fmt: skip
     start = time.perf_counter()
     for epoch in range(1, train_cfg.epochs + 1):
+        epoch_start = time.perf_counter()
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         total = torch.zeros((), device=device)  # summed on the device, read once per epoch
         seen = 0
         batches, bar = _progress(train_loader, epoch, train_cfg.epochs, train_cfg.progress)
-        for x, y in batches:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in batches:  # already on the device, normalised, in the model's memory format
+            mark_step()
             if is_lbfgs:
 
                 def closure() -> torch.Tensor:
                     optimizer.zero_grad(set_to_none=True)
-                    batch_loss = loss_fn(_shape_output(model(x), schema).float(), y)
+                    batch_loss = loss_fn(_shape_output(forward(x), schema).float(), y)
                     batch_loss.backward()
                     return batch_loss
 
@@ -330,7 +364,7 @@ def train_model(
             else:
                 optimizer.zero_grad(set_to_none=True)
                 with autocast_ctx(device, precision):
-                    out = _shape_output(model(x), schema)
+                    out = _shape_output(forward(x), schema)
                 loss = loss_fn(out.float(), y)
                 scaler.scale(loss).backward()
                 if train_cfg.grad_clip:
@@ -357,6 +391,8 @@ def train_model(
         metrics[name] = value
         schedule.step_epoch(value)
         improved = value > best if maximize else value < best
+        if keep_last:
+            improved = epoch == train_cfg.epochs
         if improved:
             best, best_epoch = value, epoch
             atomic_save(
@@ -364,10 +400,12 @@ def train_model(
                  "dataset_key": schema.get("key", ""), "model": model_cfg.model_dump()},
                 best_path,
             )  # fmt: skip
-        history.append({"epoch": epoch, **metrics})
+        # wall time of the epoch (steps, validation, checkpoint); the reads above synchronised the device
+        history.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - epoch_start})
         log.info(
             "epoch %d/%d  train/loss %.4f  val/loss %.4f  %s %.4f  lr %.3g%s",
-            epoch, train_cfg.epochs, train_loss, ev.loss, name, value, lr, "  (best)" if improved else "",
+            epoch, train_cfg.epochs, train_loss, ev.loss, name, value, lr,
+            ("  (kept)" if keep_last else "  (best)") if improved else "",
         )  # fmt: skip
         if on_epoch is not None:
             on_epoch(epoch, metrics)

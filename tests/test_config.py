@@ -114,3 +114,14 @@ def test_flat_params_are_stable_keys():
                 "train.epochs", "train.batch_size", "train.device", "train.seed", "tracking.uri", "storage.uri"):  # fmt: skip
         assert key in flat
     assert flat["model.hidden"] == "[128, 64]"
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["tracking.uri=http://bob:hunter2@mlflow:5000", "storage.endpoint_url=http://key:hunter2@minio:9000",
+     "storage.uri=s3://key:hunter2@bucket/p"],
+)
+def test_credentials_in_uris_are_refused_without_echoing_them(override):
+    with pytest.raises(ConfigError) as err:
+        load_config("mnist", overrides=[override])
+    assert "must not hold credentials" in str(err.value) and "hunter2" not in str(err.value)

@@ -220,3 +220,27 @@ def test_s3_gone_for_good_fails_the_run_cleanly(toy_csv, s3, mlflow_uri, monkeyp
     assert run.info.status == "FAILED"
     listed = s3_client(s3).list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{experiment}/")
     assert not any(o["Key"].endswith("manifest.json") for o in listed.get("Contents", []))
+
+
+def test_no_secret_reaches_anything_the_run_wrote(toy_csv, s3, mlflow_uri, state_home, capfd, monkeypatch):
+    from pipelines.flow import train_flow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlflow-password-never-written")  # unused by this server, but set
+    secrets = [FAKE_KEYS["AWS_ACCESS_KEY_ID"], FAKE_KEYS["AWS_SECRET_ACCESS_KEY"], "mlflow-password-never-written"]
+    experiment = f"svc-{uuid.uuid4().hex[:8]}"
+    summary = train_flow(service_config(toy_csv, s3, mlflow_uri, experiment, "train.epochs=2"))
+    written = [p for p in state_home.rglob("*") if p.is_file()]
+    assert any(p.name == "tensors.pt" for p in written) and any(p.name.startswith("events.out") for p in written)
+    for path in written:
+        blob = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in blob, f"{secret[:4]}... found in {path}"
+    out, err = capfd.readouterr()
+    for secret in secrets:
+        assert secret not in out and secret not in err
+    run = MlflowClient(mlflow_uri).get_run(summary["mlflow_run_id"])
+    everything = repr(run.data.params) + repr(run.data.tags) + repr(run.data.metrics)
+    for obj in s3_client(s3).list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{experiment}/")["Contents"]:
+        everything += s3_client(s3).get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read().decode("latin-1")
+    for secret in secrets:
+        assert secret not in everything

@@ -1,0 +1,149 @@
+"""End to end: `trainyard train` (the whole flow) against a plain loop training the same model, wall time.
+
+The flow runs as a subprocess, `trainyard train --preset mnist ... --json`, in a temporary
+TRAINYARD_HOME (Prefect's embedded server, MLflow on SQLite, TensorBoard, artifacts), on
+synthetic MNIST-format files written here. The plain loop trains the same model (the
+`mnist` preset's cnn) with the same optimizer, batch size, epochs and number of training
+images in this process, data already in memory, and is timed alone.
+
+Result lines:
+  end_to_end.ratio           flow wall time / plain training time; the target (<= 1.10)
+                             is for runs whose plain training takes >= 60 s
+  end_to_end.fixed_overhead  flow wall time minus the flow's own training seconds
+                             (interpreter, imports, Prefect start, MLflow, evaluation,
+                             artifacts); target <= 6 s. The import time is shown inside.
+Needs prefect and mlflow (run it where the whole project is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, Timer, emit, note, synthetic_digits
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import build_model
+from pipelines.config import load_config
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header + array.tobytes())
+
+
+def write_mnist(root: Path, n_train: int, n_test: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        x, y = synthetic_digits(n, seed)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", x[:, 0].numpy())
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", y.numpy().astype(np.uint8))
+
+
+def trainyard_command() -> list[str]:
+    exe = Path(sys.executable).with_name("trainyard")
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main())"]
+
+
+def run_flow(root: Path, home: Path, overrides: list[str]) -> tuple[float, dict]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(TRAINYARD_HOME=str(home), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    home.mkdir(parents=True, exist_ok=True)
+    cmd = [*trainyard_command(), "train", "--preset", "mnist", "--json"]
+    for item in overrides:
+        cmd += ["--set", item]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=home)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"trainyard train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return wall, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def import_seconds() -> float:
+    code = "import time; t = time.perf_counter(); import pipelines.cli, pipelines.flow; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def plain_training(cfg, n_train: int, epochs: int) -> float:
+    """The same model, optimizer and batch size, trained by a plain loop on CPU tensors; seconds."""
+    torch.manual_seed(0)
+    x, y = synthetic_digits(n_train, 1)
+    x = (x.float() / 255 - 0.1307) / 0.3081
+    model = build_model(cfg.model.name, {"input_shape": [1, 28, 28], "output_size": 10}, cfg.model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.schedule.step_size, gamma=cfg.schedule.gamma)
+    b = cfg.train.batch_size
+    with Timer("cpu") as t:
+        for _ in range(epochs):
+            model.train()
+            perm = torch.randperm(n_train)
+            for i in range(0, n_train, b):
+                idx = perm[i : i + b]
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+            sched.step()
+    return t.seconds
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=0, help="training pool images (default 40000, ~60 s plain on 2 CPU cores)")
+    parser.add_argument("--epochs", type=int, default=0, help="epochs (default 3; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="small run (the ratio target is not meant for it)")
+    args = parser.parse_args(argv)
+    n = args.n or (3_000 if args.quick else 40_000)
+    epochs = args.epochs or (1 if args.quick else 3)
+    n_test = max(500, n // 20)
+    overrides = ["data.download=false", f"train.epochs={epochs}", "train.device=cpu", "tracking.experiment=bench"]
+    cfg = load_config("mnist", overrides=overrides)
+    n_train = n - int(round(n * cfg.data.val_fraction))  # what the flow trains on after carving out validation
+    torch.set_num_threads(os.cpu_count() or 1)
+    note("end_to_end.settings", pool_images=n, train_images=n_train, test_images=n_test, epochs=epochs,
+         batch_size=cfg.train.batch_size, model=cfg.model.name, device="cpu")  # fmt: skip
+
+    tmp = Path(tempfile.mkdtemp(prefix="trainyard-e2e-"))
+    try:
+        root = tmp / "mnist"
+        write_mnist(root, n, n_test)
+        flow_wall, summary = run_flow(root, tmp / "home", [f"data.root={root}", *overrides])
+        plain = plain_training(cfg, n_train, epochs)
+        imports = import_seconds()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    flow_train = float(summary.get("train_seconds", float("nan")))
+    ratio = flow_wall / plain
+    applies = plain >= 60
+    emit("end_to_end.ratio", flow_wall_seconds=round(flow_wall, 2), flow_train_seconds=round(flow_train, 2),
+         epochs=epochs, train_images=n_train, test_accuracy=summary.get("test_metrics", {}).get("test/accuracy"),
+         baseline={"name": "plain loop, same model/epochs/data, training only", "seconds": round(plain, 2)},
+         ratio=ratio, met=ratio <= 1.10,
+         target="<= 1.10 on a run whose plain training takes >= 60 s"
+         + ("" if applies else f" (this run's plain training took {plain:.1f} s: the target is not meant for it)"))  # fmt: skip
+    overhead = flow_wall - flow_train
+    emit("end_to_end.fixed_overhead", overhead_seconds=round(overhead, 2), import_seconds=round(imports, 2),
+         includes="interpreter start, imports, embedded Prefect server, MLflow run, ingest, evaluation, TensorBoard, artifacts",
+         baseline={"name": "flow wall time minus its own training seconds", "flow_wall_seconds": round(flow_wall, 2)},
+         ratio=overhead / 6.0, target="<= 6 s (ratio: overhead / 6 s)", met=overhead <= 6.0)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The `mnist-fast` preset on the real 8,000/2,000 split: mean test accuracy and training seconds over seeds.
+
+Reads only the t10k files from --mnist-root (default $MNIST_ROOT or ../shared/data/mnist):
+the first 8,000 images train (the preset's validation share comes out of them), the last
+2,000 test. Calls tasks.train.train_model and tasks.evaluate.evaluate_model directly, so it
+runs without prefect and mlflow. A warm-up run (one epoch) comes first and is not counted.
+
+Figures: `train_seconds` is TrainResult.seconds (all epochs: steps, per-epoch validation,
+the checkpoint write; data already on the device); `call_seconds` is the whole train_model
+call (model build and the copy of the data to the device included).
+`--set section.key=value` tries a variant of the preset (repeatable), e.g.
+`--set train.epochs=10 --set train.compile=true --set train.compile_mode=reduce-overhead`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, emit, note, sync
+
+import torch
+
+from pipelines.config import load_config
+from tasks.evaluate import evaluate_model
+from tasks.ingest_mnist import ingest_mnist
+from tasks.train import pick_device, train_model
+
+DEFAULT_ROOT = os.environ.get("MNIST_ROOT") or str(REPO.parent / "shared" / "data" / "mnist")
+
+
+def test_accuracy(prepared, cfg, checkpoint, out_dir: Path) -> float:
+    """evaluate_model's test accuracy; where matplotlib (its confusion-matrix figure) is missing, the same
+    accuracy from tasks.train.evaluate_split on the same checkpoint."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from models import build_model
+        from tasks.data import TensorSplit, make_loader
+        from tasks.train import evaluate_split, is_conv, load_weights, loss_for, pick_precision, predictions
+
+        dev = pick_device(cfg.train.device)
+        model = build_model(cfg.model.name, prepared.schema, cfg.model)
+        model.load_state_dict(load_weights(checkpoint)["model_state"])
+        model.to(dev)
+        cl = dev.type == "cuda" and is_conv(model)
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        loader = make_loader(TensorSplit.from_prepared(prepared, "test"), cfg.train.eval_batch_size, shuffle=False)
+        ev = evaluate_split(model, loader, loss_for(prepared.schema), prepared.schema, dev, pick_precision("auto", dev), cl)
+        return float((predictions(ev.outputs, prepared.schema) == ev.targets).float().mean())
+    ev = evaluate_model(prepared, cfg.model, checkpoint, out_dir, device=cfg.train.device, batch_size=cfg.train.eval_batch_size)
+    return ev["metrics"]["test/accuracy"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mnist-root", default=DEFAULT_ROOT, help="folder with t10k-images/labels-idx*-ubyte[.gz]")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--quick", action="store_true", help="one seed, two epochs (a smoke run; not the target)")
+    parser.add_argument("--name", default="mnist_fast", help="name of the result line")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    overrides = [f"data.root={args.mnist_root}", "data.split=t10k", "data.n_train=8000", "data.download=false",
+                 *args.overrides]  # fmt: skip
+    if args.quick:
+        overrides.append("train.epochs=2")
+        args.seeds = 1
+    cfg = load_config("mnist-fast", overrides=overrides)
+    device = pick_device(cfg.train.device)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    if not Path(args.mnist_root).is_dir():
+        note(args.name, skipped=f"no MNIST folder at {args.mnist_root} (set --mnist-root or MNIST_ROOT)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        _, _, build = ingest_mnist(cfg.data, Path(tmp))
+        prepared = build()
+        sizes = {k: int(v.shape[0]) for k, v in prepared.tensors.items() if k.startswith("y_")}
+        note(f"{args.name}.settings", device=str(device), overrides=args.overrides, quick=args.quick, split=sizes,
+             model=cfg.model.model_dump(), optim=cfg.optim.model_dump(), schedule=cfg.schedule.model_dump(),
+             train=cfg.train.model_dump())  # fmt: skip
+
+        warm = cfg.train.model_copy(update={"epochs": 1})
+        train_model(prepared, cfg.model, cfg.optim, cfg.schedule, warm, Path(tmp) / "warm")
+        accs, train_s, call_s = [], [], []
+        for seed in range(args.seeds):
+            tc = cfg.train.model_copy(update={"seed": seed})
+            sync(device)
+            t = time.perf_counter()
+            result = train_model(prepared, cfg.model, cfg.optim, cfg.schedule, tc, Path(tmp) / f"s{seed}")
+            sync(device)
+            call_s.append(time.perf_counter() - t)
+            train_s.append(result.seconds)
+            accs.append(test_accuracy(prepared, cfg, result.checkpoint, Path(tmp) / f"ev{seed}"))
+    acc, secs = statistics.mean(accs), statistics.mean(train_s)
+    emit(
+        args.name, test_accuracy=round(acc, 5), train_seconds=round(secs, 4), call_seconds=round(statistics.mean(call_s), 4),
+        per_seed={"accuracy": [round(a, 5) for a in accs], "train_seconds": [round(s, 4) for s in train_s]},
+        seeds=args.seeds, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=str(device),
+        baseline={"name": "targets of the issue", "accuracy": 0.993, "train_seconds": 0.5,
+                  "reference": "plain record-style loop on H200: 99.15% in 0.34 s (4 epochs), 99.38% in 0.90 s (8 epochs + shifts)"},
+        ratio=secs / 0.5, target=">= 0.993 mean test accuracy and <= 0.5 s training on a GPU (ratio: seconds / 0.5)",
+        met=acc >= 0.993 and secs <= 0.5 and device.type == "cuda",
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Run every benchmark, one subprocess each, passing --quick through; JSON lines on stdout.
+
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...] [--out FILE]
+
+end_to_end needs prefect and mlflow; it is skipped (with a line saying so) where they are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ["train_throughput", "mnist_fast", "csv_ingest", "end_to_end"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes everywhere")
+    parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these")
+    parser.add_argument("--out", default="", help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    out = open(args.out, "a", encoding="utf-8") if args.out else None
+    failed = 0
+    for name in args.only or BENCHMARKS:
+        if name == "end_to_end" and not all(importlib.util.find_spec(m) for m in ("prefect", "mlflow")):
+            lines = [json.dumps({"name": "end_to_end", "skipped": "prefect or mlflow is not installed here"})]
+        else:
+            cmd = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if args.quick else [])
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0:
+                failed += 1
+                lines.append(json.dumps({"name": name, "error": f"exit status {proc.returncode}"}))
+        for line in lines:
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""Batches for the train loop: device-resident when the data fits, the DataLoader otherwise.
+
+Resident path: the prepared train/val tensors are moved to the device once, as stored
+(uint8 images stay uint8), the order is a `torch.randperm` drawn on the device from a
+seeded generator, and a batch is an `index_select` of the resident tensors. Only the batch
+is converted to float32 and normalised, on the device; random shifts (augment=shift) are
+applied there too.
+
+Fallback: a DataLoader over the same stored tensors (pinned memory on CUDA, workers as
+configured), copied with `non_blocking=True`, then the same per-batch preparation on the
+device. Nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from tasks.data import TensorSplit, make_loader
+from tasks.prepared import Prepared
+
+log = logging.getLogger("trainyard.train")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# ---- per-batch preparation on the device -------------------------------------------------------
+
+
+class BatchPrep:
+    """Stored batch -> model input on the device: optional random shifts, float32, normalisation, layout.
+
+    Normalisation `(x * scale - mean) / std` is folded into one multiply-add `x * a + b`.
+    """
+
+    def __init__(
+        self,
+        norm: dict[str, Any] | None,
+        input_ndim: int,
+        device: torch.device,
+        *,
+        channels_last: bool = False,
+        shift: int = 0,
+        generator: torch.Generator | None = None,
+    ):
+        self.device = device
+        self.channels_last = channels_last
+        self.shift = shift
+        self.generator = generator
+        self.a = self.b = None
+        if norm:
+            shape = (1, -1) + (1,) * (input_ndim - 1)
+            mean = torch.tensor(norm["mean"], dtype=torch.float64)
+            std = torch.tensor(norm["std"], dtype=torch.float64)
+            self.a = (norm["scale"] / std).to(torch.float32).view(shape).to(device)
+            self.b = (-mean / std).to(torch.float32).view(shape).to(device)
+
+    def __call__(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        if train and self.shift and x.dim() == 4:
+            x = random_shift(x, self.shift, self.generator)
+        x = x.to(torch.float32)
+        if self.a is not None:
+            x = torch.addcmul(self.b, x, self.a)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate every image of an NxCxHxW batch by its own random (dy, dx) in [-max_shift, max_shift].
+
+    Pixels shifted in are zeros of the stored data (black for MNIST's uint8), applied before
+    normalisation. One gather on the device; the result has channels_last strides.
+    """
+    n, _, h, w = x.shape
+    p = max_shift
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    dy = torch.randint(0, 2 * p + 1, (n, 1, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * p + 1, (n, 1, 1), device=x.device, generator=generator)
+    rows = dy + torch.arange(h, device=x.device).view(1, h, 1)
+    cols = dx + torch.arange(w, device=x.device).view(1, 1, w)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # advanced indices first: N,H,W,C -> N,C,H,W
+
+
+# ---- the two paths --------------------------------------------------------------------------------
+
+
+class ResidentBatcher:
+    """Batches cut from tensors held on the device; reshuffled every epoch with a seeded device generator."""
+
+    resident = True
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        device: torch.device | str,
+        shuffle: bool = True,
+        seed: int = 0,
+        prep: BatchPrep | None = None,
+        train: bool = True,
+    ):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"inputs have {x.shape[0]} rows but targets {y.shape[0]}")
+        self.device = torch.device(device)
+        self.x = x.to(self.device)  # as stored: uint8 images stay uint8
+        self.y = y.to(self.device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.prep = prep
+        self.train = train
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.x.shape[0] / self.batch_size)
+
+    def epoch_order(self) -> torch.Tensor | None:
+        if not self.shuffle:
+            return None
+        return torch.randperm(self.x.shape[0], device=self.device, generator=self.generator)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n, b = self.x.shape[0], self.batch_size
+        order = self.epoch_order()
+        for start in range(0, n, b):
+            if order is None:
+                xb, yb = self.x[start : start + b], self.y[start : start + b]
+            else:
+                idx = order[start : start + b]
+                xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            yield (self.prep(xb, self.train) if self.prep is not None else xb), yb
+
+
+class LoaderBatcher:
+    """The fallback: a DataLoader over the stored tensors, copied to the device without blocking."""
+
+    resident = False
+
+    def __init__(self, loader, device: torch.device | str, prep: BatchPrep | None = None, train: bool = True):
+        self.loader = loader
+        self.device = torch.device(device)
+        self.prep = prep
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            yield (self.prep(x, self.train) if self.prep is not None else x), y
+
+
+# ---- choosing -----------------------------------------------------------------------------------
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of the device's memory; the host's RAM for cpu (and mps, which shares it)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0, 0
+    return int(free), int(total)
+
+
+@dataclass
+class Residency:
+    resident: bool
+    reason: str
+    needed: int = 0
+    budget: int = 0
+
+
+def plan_residency(mode: str, device: torch.device, needed: int, share: float) -> Residency:
+    """Whether to keep the data on the device: `mode` is train.gpu_resident, `share` train.gpu_memory_share."""
+    if mode == "off":
+        return Residency(False, "train.gpu_resident is off", needed)
+    if mode == "auto" and device.type != "cuda":
+        return Residency(False, f"train.gpu_resident=auto keeps the data on the host for {device.type}", needed)
+    free, total = device_memory(device)
+    budget = int(min(share * total, free)) if total else 0
+    mib = 1 << 20
+    if needed > budget:
+        return Residency(
+            False,
+            f"the data needs {needed / mib:.1f} MiB, more than train.gpu_memory_share={share} of the device's "
+            f"{total / mib:.0f} MiB ({free / mib:.0f} MiB free)",
+            needed,
+            budget,
+        )
+    return Residency(True, f"the data ({needed / mib:.1f} MiB) fits {share} of the device's memory", needed, budget)
+
+
+@dataclass
+class Batches:
+    train: ResidentBatcher | LoaderBatcher
+    val: ResidentBatcher | LoaderBatcher
+    residency: Residency
+
+
+def make_batches(prepared: Prepared, train_cfg, device: torch.device, *, channels_last: bool = False) -> Batches:
+    """The train and val batch sources for `train_cfg` on `device`, resident when the data fits."""
+    x_train, y_train = prepared.split("train")
+    x_val, y_val = prepared.split("val")
+    norm = prepared.schema.get("normalize")
+    shift = getattr(train_cfg, "shift_pixels", 2) if getattr(train_cfg, "augment", "none") == "shift" else 0
+    if shift and x_train.dim() != 4:
+        from tasks.errors import TrainingError
+
+        raise TrainingError(
+            f"train.augment=shift needs image inputs shaped CxHxW; this dataset's inputs are shaped "
+            f"{list(x_train.shape[1:])}; use train.augment=none"
+        )
+    aug_gen = torch.Generator(device=device)
+    aug_gen.manual_seed(train_cfg.seed + 1)
+    prep = BatchPrep(norm, x_train.dim() - 1, device, channels_last=channels_last, shift=shift, generator=aug_gen)
+    plan = plan_residency(
+        getattr(train_cfg, "gpu_resident", "auto"), device, nbytes(x_train, y_train, x_val, y_val),
+        getattr(train_cfg, "gpu_memory_share", 0.5),
+    )  # fmt: skip
+    log.info("batches: %s (%s)", "device-resident" if plan.resident else "DataLoader", plan.reason)
+    if plan.resident:
+        train = ResidentBatcher(
+            x_train, y_train, train_cfg.batch_size, device=device, shuffle=train_cfg.shuffle, seed=train_cfg.seed, prep=prep
+        )
+        val = ResidentBatcher(x_val, y_val, train_cfg.eval_batch_size, device=device, shuffle=False, prep=prep, train=False)
+        return Batches(train, val, plan)
+    pin = device.type == "cuda"
+    train_loader = make_loader(
+        TensorSplit(x_train, y_train), train_cfg.batch_size, shuffle=train_cfg.shuffle,
+        num_workers=train_cfg.num_workers, seed=train_cfg.seed, pin_memory=pin,
+    )  # fmt: skip
+    val_loader = make_loader(TensorSplit(x_val, y_val), train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
+    return Batches(LoaderBatcher(train_loader, device, prep), LoaderBatcher(val_loader, device, prep, train=False), plan)

@@ -1,0 +1,47 @@
+"""Four runs of one experiment at once, on one machine and one state folder: nothing is clobbered."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_four_runs_at_once_share_nothing_they_should_not(toy_csv, state_home, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, TRAINYARD_HOME=str(state_home), PREFECT_API_URL=PREFECT_API_URL.value(),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")  # fmt: skip
+    cli = [sys.executable, "-m", "pipelines.cli", "train", "--preset", "csv", "--json",
+           "--set", f"data.path={toy_csv}", "--set", "data.target=label", "--set", "train.epochs=2"]  # fmt: skip
+    procs = [
+        subprocess.Popen([*cli, "--set", f"train.seed={i}"], env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / f"err{i}", "w"), text=True)
+        for i in range(4)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, (tmp_path / f"err{i}").read_text()[-3000:]
+    summaries = [json.loads(o) for o in outs]
+    run_ids = {s["mlflow_run_id"] for s in summaries}
+    assert len(run_ids) == 4
+    # one prepared dataset, written once, no temporary leftovers anywhere
+    assert len(list((state_home / "datasets").iterdir())) == 1
+    leftovers = [p for p in state_home.rglob("*") if p.name.endswith((".tmp", ".partial", ".part"))]
+    assert leftovers == []
+    # four complete artifact units and four TensorBoard folders
+    for s in summaries:
+        unit = state_home / "artifacts" / "trainyard" / s["mlflow_run_id"]
+        assert json.loads((unit / "manifest.json").read_text()).keys() >= {"model_state.pt", "metrics.json"}
+    assert len({s["tensorboard_dir"] for s in summaries}) == 4
+    client = MlflowClient(f"sqlite:///{state_home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("trainyard").experiment_id])
+    assert {r.info.run_id for r in runs} == run_ids and all(r.info.status == "FINISHED" for r in runs)
+    versions = client.search_model_versions("name='trainyard'")
+    assert len(versions) == 4
