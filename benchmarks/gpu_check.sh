@@ -11,7 +11,9 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
-MNIST_ROOT="${MNIST_ROOT:-../shared/data/mnist}"
+if [ -z "${MNIST_ROOT:-}" ]; then
+  if [ -d .gpu-data/mnist ]; then MNIST_ROOT=.gpu-data/mnist; else MNIST_ROOT=../shared/data/mnist; fi
+fi
 JSONL=/dev/null
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; JSONL="$OUT/bench.jsonl"; : > "$JSONL"; fi
 PY=python3
@@ -21,20 +23,20 @@ step versions
 nvidia-smi || echo "nvidia-smi not available"
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
 
-step "GPU tests"
-timeout 90 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_fastpath.py -k gpu 2>&1 | tail -15
+step "tests on CUDA (train, models, fast path)"
+timeout 120 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_fastpath.py tests/test_train.py tests/test_models.py 2>&1 | tail -15
 
 step train_throughput
-timeout 120 $PY benchmarks/train_throughput.py --n 60000 --no-compile | tee -a "$JSONL"
+timeout 100 $PY benchmarks/train_throughput.py --n 60000 --no-compile | tee -a "$JSONL"
 
 step mnist_fast
 timeout 45 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 | tee -a "$JSONL"
 # variants, for choosing the preset's settings on the GPU
-timeout 75 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 --name mnist_fast.compiled \
+timeout 75 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 --name mnist_fast.compiled --no-baseline \
   --set train.compile=true --set train.compile_mode=reduce-overhead | tee -a "$JSONL"
-timeout 30 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 --name mnist_fast.e10_b512 \
+timeout 30 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 --name mnist_fast.e10_b512 --no-baseline \
   --set train.epochs=10 --set train.batch_size=512 --set schedule.max_lr=8e-3 | tee -a "$JSONL"
-timeout 30 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 --name mnist_fast.e12 \
+timeout 30 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 --name mnist_fast.e12 --no-baseline \
   --set train.epochs=12 --set data.val_fraction=0.05 | tee -a "$JSONL"
 
 step "csv_ingest --quick"

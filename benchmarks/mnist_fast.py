@@ -58,6 +58,55 @@ def test_accuracy(prepared, cfg, checkpoint, out_dir: Path) -> float:
     return ev["metrics"]["test/accuracy"]
 
 
+def record_style_loop(prepared, device, seed: int, epochs: int = 8, batch: int = 256) -> tuple[float, float]:
+    """The plain record-style loop the issue quotes (small CNN, Adam 0.01 betas (0.7, 0.9), OneCycle,
+    label smoothing 0.1, batch 256, data on the device, random 2-pixel shifts): (test accuracy, seconds)."""
+    from torch import nn
+
+    from tasks.batching import random_shift
+
+    torch.manual_seed(seed)
+    x = torch.cat([prepared.tensors["x_train"], prepared.tensors["x_val"]]).to(device)
+    y = torch.cat([prepared.tensors["y_train"], prepared.tensors["y_val"]]).to(device)
+    xt, yt = prepared.tensors["x_test"].to(device), prepared.tensors["y_test"].to(device)
+    model = nn.Sequential(
+        nn.Conv2d(1, 24, 5, padding=2), nn.BatchNorm2d(24), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(24, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+    ).to(device).to(memory_format=torch.channels_last)  # fmt: skip
+    steps = epochs * ((x.shape[0] + batch - 1) // batch)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.7, 0.9), **({"fused": True} if device.type == "cuda" else {}))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=steps)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+
+    def prep(b):
+        return ((b.float() / 255 - 0.1307) / 0.3081).contiguous(memory_format=torch.channels_last)
+
+    sync(device)
+    t = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], device=device, generator=g)
+        for i in range(0, x.shape[0], batch):
+            idx = perm[i : i + batch]
+            xb = prep(random_shift(x[idx], 2, g))
+            with amp:
+                loss = loss_fn(model(xb).float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    sync(device)
+    seconds = time.perf_counter() - t
+    model.eval()
+    with torch.no_grad(), amp:
+        acc = (model(prep(xt)).argmax(1) == yt).float().mean().item()
+    return acc, seconds
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mnist-root", default=DEFAULT_ROOT, help="folder with t10k-images/labels-idx*-ubyte[.gz]")
@@ -65,6 +114,7 @@ def main(argv=None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help="one seed, two epochs (a smoke run; not the target)")
     parser.add_argument("--name", default="mnist_fast", help="name of the result line")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain record-style loop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     overrides = [f"data.root={args.mnist_root}", "data.split=t10k", "data.n_train=8000", "data.download=false",
@@ -99,15 +149,22 @@ def main(argv=None) -> None:
             call_s.append(time.perf_counter() - t)
             train_s.append(result.seconds)
             accs.append(test_accuracy(prepared, cfg, result.checkpoint, Path(tmp) / f"ev{seed}"))
+        base = None
+        if not args.no_baseline and not args.quick:
+            record_style_loop(prepared, device, seed=99, epochs=1)  # warm-up
+            runs = [record_style_loop(prepared, device, seed) for seed in range(args.seeds)]
+            base = {"name": "plain record-style loop, same run (8 epochs, shifts, batch 256)",
+                    "accuracy": round(statistics.mean(a for a, _ in runs), 5),
+                    "train_seconds": round(statistics.mean(s for _, s in runs), 4)}  # fmt: skip
     acc, secs = statistics.mean(accs), statistics.mean(train_s)
     emit(
         args.name, test_accuracy=round(acc, 5), train_seconds=round(secs, 4), call_seconds=round(statistics.mean(call_s), 4),
         per_seed={"accuracy": [round(a, 5) for a in accs], "train_seconds": [round(s, 4) for s in train_s]},
         seeds=args.seeds, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=str(device),
-        baseline={"name": "targets of the issue", "accuracy": 0.993, "train_seconds": 0.5,
-                  "reference": "plain record-style loop on H200: 99.15% in 0.34 s (4 epochs), 99.38% in 0.90 s (8 epochs + shifts)"},
-        ratio=secs / 0.5, target=">= 0.993 mean test accuracy and <= 0.5 s training on a GPU (ratio: seconds / 0.5)",
-        met=acc >= 0.993 and secs <= 0.5 and device.type == "cuda",
+        baseline=base or {"name": "targets of the issue", "accuracy": 0.993, "train_seconds": 0.5},
+        ratio=secs / (base["train_seconds"] if base else 0.5),
+        target=">= 0.993 mean test accuracy and <= 0.5 s training on a GPU, faster than the plain loop (ratio: seconds / baseline seconds)",
+        met=acc >= 0.993 and secs <= 0.5 and device.type == "cuda" and (base is None or secs < base["train_seconds"]),
     )  # fmt: skip
 
 
