@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     train.add_argument("--force", action="store_true", help="train even when nothing changed since the champion")
+    train.add_argument("--resume", default="", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
     runs = sub.add_parser("runs", help="table of the latest runs of an experiment, champion marked", formatter_class=fmt)
     runs.add_argument("--experiment", default="trainyard", help="MLflow experiment")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.flow import train_flow
 
     try:
-        summary = train_flow(cfg, force=args.force)
+        summary = train_flow(cfg, force=args.force, resume=args.resume)
     except Exception as exc:
         print(f"trainyard: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
 # Our own cache is the content-hash keyed dataset folder; Prefect's input hashing is not needed.
 preflight_task = task(steps.preflight, name="preflight", cache_policy=NO_CACHE)
 unchanged_task = task(steps.unchanged_since_champion, name="check-unchanged", cache_policy=NO_CACHE)
+resumable_task = task(steps.find_resumable, name="find-resumable", cache_policy=NO_CACHE)
 start_task = task(steps.start, name="start-run", cache_policy=NO_CACHE, **IO_RETRIES)
 ingest_task = task(steps.ingest_data, name="ingest", cache_policy=NO_CACHE)
 train_task = task(steps.train, name="train", cache_policy=NO_CACHE)
@@ -38,7 +39,9 @@ SKIPPED = "Skipped"
 
 
 @flow(name="trainyard-train", validate_parameters=True)
-def train_flow(cfg: TrainConfig = TrainConfig(), force: bool = False, train_deployment: str = "") -> dict[str, Any] | State:
+def train_flow(
+    cfg: TrainConfig = TrainConfig(), force: bool = False, train_deployment: str = "", resume: str = ""
+) -> dict[str, Any] | State:
     """Train, evaluate and publish one model as the config says; return the run's summary.
 
     Args:
@@ -46,18 +49,26 @@ def train_flow(cfg: TrainConfig = TrainConfig(), force: bool = False, train_depl
         force: train even when data, config and code match the current champion's run.
         train_deployment: run the training step as this deployment (e.g. 'trainyard-train-step/gpu', on
             the gpu work pool) instead of in this process; needs an s3:// artifact store.
+        resume: an MLflow run id to continue from its last checkpoint. Without it, an unfinished run
+            with the configured run name, or of this flow run (a retry), is continued.
     """
     state = state_dir()
     tracking_uri = resolve_tracking_uri(cfg)
     storage_uri = resolve_storage_uri(cfg)
     tracking.configure_mlflow_client()
     preflight_task(cfg, tracking_uri, storage_uri)
-    if not force:
-        reason = unchanged_task(cfg, state, tracking_uri)
-        if reason:
-            log.info("skipped: nothing changed (%s)", reason)
-            return Completed(name=SKIPPED, message=f"skipped: nothing changed; {reason}", data={"skipped": True, "reason": reason})
-    run_id = start_task(cfg, tracking_uri, str(flow_run.id or ""))
+    flow_run_id = str(flow_run.id or "")
+    run_id = resumable_task(cfg, tracking_uri, resume, flow_run_id)
+    if run_id:
+        steps.reopen(tracking_uri, run_id, flow_run_id)
+        log.info("continuing MLflow run %s", run_id)
+    else:
+        if not force:
+            reason = unchanged_task(cfg, state, tracking_uri)
+            if reason:
+                log.info("skipped: nothing changed (%s)", reason)
+                return Completed(name=SKIPPED, message=f"skipped: nothing changed; {reason}", data={"skipped": True, "reason": reason})
+        run_id = start_task(cfg, tracking_uri, flow_run_id)
     run_name = tracking.run_name_of(tracking_uri, run_id)
     run_dir = state / "runs" / run_id
     tb_dir = state / "tensorboard" / tracking.safe_name(cfg.tracking.experiment) / f"{tracking.safe_name(run_name)}-{run_id[:8]}"
@@ -73,7 +84,7 @@ def train_flow(cfg: TrainConfig = TrainConfig(), force: bool = False, train_depl
                 train_deployment, cfg, dataset["key"], run_id, tracking_uri, storage_uri, str(run_dir), str(tb_dir)
             )
         else:
-            result = train_task(cfg, dataset["path"], tracking_uri, run_id, str(run_dir), str(tb_dir))
+            result = train_task(cfg, dataset["path"], tracking_uri, run_id, str(run_dir), str(tb_dir), storage_uri)
         evaluation = evaluate_task(cfg, dataset["path"], result["checkpoint"], str(run_dir))
         stored = store_task(cfg, dataset["path"], result["checkpoint"], evaluation, run_id, storage_uri, str(run_dir), str(tb_dir))
         published = publish_task(

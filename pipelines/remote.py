@@ -11,7 +11,6 @@ evaluates and publishes as usual. Both ends need a remote store (S3).
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,10 @@ def train_step_flow(cfg: TrainConfig, dataset_key: str, run_id: str, tracking_ur
     store = steps.store_for(cfg, storage_uri)
     state = state_dir()
     folder = fetch_prepared(store, dataset_key, state)
-    work = Path(tempfile.mkdtemp(prefix=f"train-{run_id[:8]}-", dir=state))
+    work = state / "runs" / run_id  # a rerun of this step on this worker resumes from work/checkpoints
+    work.mkdir(parents=True, exist_ok=True)
     tb_dir = work / "tensorboard"
-    result = steps.train(cfg, str(folder), tracking_uri, run_id, str(work), str(tb_dir))
+    result = steps.train(cfg, str(folder), tracking_uri, run_id, str(work), str(tb_dir), storage_uri)
     (work / "result.json").write_text(json.dumps(result), encoding="utf-8")
     files = {"best.pt": result["checkpoint"], "result.json": str(work / "result.json")}
     if tb_dir.is_dir():

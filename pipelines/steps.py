@@ -146,16 +146,84 @@ def _trackers(cfg: TrainConfig, tracking_uri: str, run_id: str, tb_dir: str) -> 
     return tracking.MultiTracker(tracking.MlflowTracker(tracking_uri, run_id, flush_timeout=cfg.tracking.flush_timeout), tb)
 
 
-def train(cfg: TrainConfig, dataset_path: str, tracking_uri: str, run_id: str, run_dir: str, tb_dir: str) -> dict[str, Any]:
+def checkpoint_prefix(run_id: str) -> str:
+    return f"checkpoints/{run_id}"
+
+
+def train(
+    cfg: TrainConfig, dataset_path: str, tracking_uri: str, run_id: str, run_dir: str, tb_dir: str, storage_uri: str = ""
+) -> dict[str, Any]:
+    """Train, resuming from the run's last checkpoint when there is one (here, or in a shared store).
+
+    With a shared (S3) store every resume checkpoint is uploaded under checkpoints/<run-id>/,
+    so the run can resume on another worker.
+    """
     prepared = load_prepared(dataset_path)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    last = ckpt_dir / "last.pt"
+    store = store_for(cfg, storage_uri) if storage_uri else None
+    shared = store is not None and store.remote
+    if not last.is_file() and shared and store.read_manifest(checkpoint_prefix(run_id)) is not None:
+        store.fetch(f"{checkpoint_prefix(run_id)}/last.pt", last)
+    resume_from = last if last.is_file() else None
+    if resume_from is not None:
+        epoch = int(load_weights(resume_from)["epoch"])
+        tracking.set_tags(tracking_uri, run_id, {"train.resumed_from_epoch": str(epoch)})
+        log.info("run %s resumes after epoch %d from %s", run_id, epoch, resume_from)
+
+    def upload(path: Path) -> None:
+        if shared:
+            store.publish(checkpoint_prefix(run_id), {"last.pt": str(path)})
+
     with _trackers(cfg, tracking_uri, run_id, tb_dir) as tracker:
-        if cfg.tracking.tensorboard:
+        if cfg.tracking.tensorboard and resume_from is None:
             tracker.log_text("config", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         result = train_model(
-            prepared, cfg.model, cfg.optim, cfg.schedule, cfg.train, Path(run_dir) / "checkpoints", on_epoch=lambda e, m: tracker.log_metrics(m, e)
-        )
+            prepared, cfg.model, cfg.optim, cfg.schedule, cfg.train, ckpt_dir,
+            on_epoch=lambda e, m: tracker.log_metrics(m, e), resume_from=resume_from, on_checkpoint=upload,
+        )  # fmt: skip
     tracking.set_tags(tracking_uri, run_id, {"train.device": result.device, "train.precision": result.precision})
     return result.to_dict()
+
+
+def find_resumable(cfg: TrainConfig, tracking_uri: str, resume: str = "", flow_run_id: str = "") -> str:
+    """The MLflow run this flow run continues, or '': `resume` (a run id), else an unfinished run with
+    the configured run name, else an unfinished run of this Prefect flow run (a flow retry)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if resume:
+        try:
+            run = client.get_run(resume)
+        except MlflowException:
+            raise ValueError(f"--resume {resume}: no such MLflow run at {tracking_uri}") from None
+        if exp is None or run.info.experiment_id != exp.experiment_id:
+            raise ValueError(f"--resume {resume}: that run is not in experiment {cfg.tracking.experiment!r}")
+        if run.info.status == "FINISHED":
+            raise ValueError(f"--resume {resume}: that run already finished; nothing to resume")
+        return resume
+    if exp is None:
+        return ""
+    if cfg.tracking.run_name:
+        query = f"attributes.run_name = '{cfg.tracking.run_name}'"
+    elif flow_run_id:
+        query = f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    else:
+        return ""
+    runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=10)
+    unfinished = [r for r in runs if r.info.status != "FINISHED"]
+    return unfinished[0].info.run_id if unfinished else ""
+
+
+def reopen(tracking_uri: str, run_id: str, flow_run_id: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    client.update_run(run_id, status="RUNNING")
+    if flow_run_id:
+        client.set_tag(run_id, "prefect.flow_run_id", flow_run_id)
 
 
 def evaluate(cfg: TrainConfig, dataset_path: str, checkpoint: str, run_dir: str) -> dict[str, Any]:

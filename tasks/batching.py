@@ -215,6 +215,28 @@ class Batches:
     val: ResidentBatcher | LoaderBatcher
     residency: Residency
 
+    def _generators(self) -> dict[str, torch.Generator]:
+        gens: dict[str, torch.Generator] = {}
+        train = self.train
+        if isinstance(train, ResidentBatcher):
+            gens["order"] = train.generator
+        elif train.loader.generator is not None:
+            gens["order"] = train.loader.generator
+        if train.prep is not None and train.prep.generator is not None:
+            gens["augment"] = train.prep.generator
+        return gens
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The states of the generators behind the epoch order and the augmentation (for checkpoints)."""
+        return {name: g.get_state() for name, g in self._generators().items()}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        gens = self._generators()
+        if set(state) != set(gens):
+            raise ValueError(f"checkpoint holds generator states {sorted(state)}, this run has {sorted(gens)}")
+        for name, g in gens.items():
+            g.set_state(state[name])
+
 
 def make_batches(prepared: Prepared, train_cfg, device: torch.device, *, channels_last: bool = False) -> Batches:
     """The train and val batch sources for `train_cfg` on `device`, resident when the data fits."""

@@ -272,6 +272,60 @@ def load_weights(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def fingerprint(model_cfg, optim_cfg, sched_cfg, train_cfg, dataset_key: str) -> str:
+    """What a checkpoint must match to be resumed: the data and every setting that shapes training."""
+    import hashlib
+    import json
+
+    parts = {
+        "data": dataset_key,
+        "model": model_cfg.model_dump(mode="json"),
+        "optim": optim_cfg.model_dump(mode="json"),
+        "schedule": sched_cfg.model_dump(mode="json"),
+        "train": train_cfg.model_dump(mode="json", exclude={"progress", "device", "num_workers"}),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """Every random generator a resumed run must continue from (plain types: weights_only loads them)."""
+    mt, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [mt, keys.tolist(), pos, has_gauss, gauss],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    mt, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((mt, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def load_resume_checkpoint(path: str | os.PathLike, expected: str) -> dict[str, Any]:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainingError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); delete it to start over") from None
+    if ck.get("kind") != "resume":
+        raise TrainingError(f"checkpoint {path} is not a resume checkpoint (no optimizer or RNG state)")
+    if ck.get("fingerprint") != expected:
+        raise TrainingError(
+            f"checkpoint {path} was written by a run with other data or settings "
+            f"(dataset {str(ck.get('dataset_key', ''))[:12]}, fingerprint {str(ck.get('fingerprint', ''))[:12]}; "
+            f"this run: fingerprint {expected[:12]}); refusing to resume from it"
+        )
+    return ck
+
+
 # ---- the loop ---------------------------------------------------------------------------------
 
 
@@ -306,7 +360,15 @@ def train_model(
     train_cfg,
     out_dir: str | os.PathLike,
     on_epoch: EpochCallback | None = None,
+    resume_from: str | os.PathLike | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
+    """Train as the config says; write `best.pt` (the kept weights) and `last.pt` (everything needed
+    to resume: model, optimizer, scheduler, GradScaler, epoch, RNG states, data key) into `out_dir`.
+
+    With `resume_from`, continue after the epoch that checkpoint recorded; on the CPU the end result
+    equals an uninterrupted run's. `on_checkpoint(path)` is called after each `last.pt` write.
+    """
     schema = prepared.schema
     out_dir = Path(out_dir)
     seed_everything(train_cfg.seed)
@@ -320,8 +382,8 @@ def train_model(
     forward = _compiled(model, train_cfg) if getattr(train_cfg, "compile", False) else model
     mark_step = _cudagraph_step_marker(train_cfg, device)
 
-    batches = make_batches(prepared, train_cfg, device, channels_last=channels_last)
-    train_loader, val_loader = batches.train, batches.val
+    source = make_batches(prepared, train_cfg, device, channels_last=channels_last)
+    train_loader, val_loader = source.train, source.val
     train_rows, val_rows = prepared.tensors["y_train"].shape[0], prepared.tensors["y_val"].shape[0]
 
     loss_fn = loss_for(schema, train_cfg.label_smoothing if schema["task"] == "classification" else 0.0)
@@ -336,19 +398,36 @@ def train_model(
     monitor = "val/accuracy" if maximize else "val/loss"
     best = -math.inf if maximize else math.inf
     best_epoch = 0
-    best_path = out_dir / "best.pt"
+    best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
     history: list[dict[str, float]] = []
+    every = getattr(train_cfg, "checkpoint_every", 1)
+    print_key = fingerprint(model_cfg, optim_cfg, sched_cfg, train_cfg, schema.get("key", ""))
+    first_epoch = 1
+    if resume_from is not None:
+        ck = load_resume_checkpoint(resume_from, print_key)
+        model.load_state_dict(ck["model_state"])
+        optimizer.load_state_dict(ck["optimizer_state"])
+        if schedule.scheduler is not None:
+            schedule.scheduler.load_state_dict(ck["scheduler_state"])
+        scaler.load_state_dict(ck["scaler_state"])
+        best, best_epoch, history = ck["best"], ck["best_epoch"], list(ck["history"])
+        set_rng_states(ck["rng"], device)
+        source.set_rng_state(ck["batch_rng"])
+        first_epoch = ck["epoch"] + 1
+        log.info("resuming from %s after epoch %d", resume_from, ck["epoch"])
     log.info(
         "training %s on %s (%s) for %d epochs: %d train / %d val rows",
         model_cfg.name, device, precision, train_cfg.epochs, train_rows, val_rows,
     )  # fmt: skip
     start = time.perf_counter()
-    for epoch in range(1, train_cfg.epochs + 1):
+    for epoch in range(first_epoch, train_cfg.epochs + 1):
         epoch_start = time.perf_counter()
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         total = torch.zeros((), device=device)  # summed on the device, read once per epoch
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, likewise
         seen = 0
+        step = 0
         batches, bar = _progress(train_loader, epoch, train_cfg.epochs, train_cfg.progress)
         for x, y in batches:  # already on the device, normalised, in the model's memory format
             mark_step()
@@ -373,15 +452,19 @@ def train_model(
                 scaler.step(optimizer)
                 scaler.update()
             schedule.step_batch()
-            total += loss.detach() * y.shape[0]
+            step += 1
+            loss = loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            total += loss * y.shape[0]
             seen += y.shape[0]
         if bar is not None:
             bar.close()
         train_loss = float(total.item() / max(seen, 1))
-        if not math.isfinite(train_loss):
+        bad_step = int(first_bad.item())
+        if bad_step > 0 or not math.isfinite(train_loss):
             raise TrainingError(
-                f"training loss became {train_loss} in epoch {epoch}; lower optim.lr "
-                f"(now {optim_cfg.lr}) or set train.grad_clip"
+                f"training loss became {train_loss} in epoch {epoch} (first at step {bad_step} of {step}); "
+                f"lower optim.lr (now {optim_cfg.lr}) or set train.grad_clip; no model is registered from this run"
             )
         ev = evaluate_split(model, val_loader, eval_loss_fn, schema, device, precision, channels_last)
         if not math.isfinite(ev.loss):
@@ -400,6 +483,18 @@ def train_model(
                  "dataset_key": schema.get("key", ""), "model": model_cfg.model_dump()},
                 best_path,
             )  # fmt: skip
+        if (every and epoch % every == 0) or epoch == train_cfg.epochs:
+            atomic_save(
+                {"kind": "resume", "fingerprint": print_key, "dataset_key": schema.get("key", ""), "epoch": epoch,
+                 "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                 "scheduler_state": schedule.scheduler.state_dict() if schedule.scheduler is not None else {},
+                 "scaler_state": scaler.state_dict(), "best": best, "best_epoch": best_epoch,
+                 "history": history + [{"epoch": epoch, **metrics}], "rng": rng_states(device),
+                 "batch_rng": source.rng_state()},
+                last_path,
+            )  # fmt: skip
+            if on_checkpoint is not None:
+                on_checkpoint(last_path)
         # wall time of the epoch (steps, validation, checkpoint); the reads above synchronised the device
         history.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - epoch_start})
         log.info(

@@ -1,0 +1,130 @@
+"""Resume at the flow level: a run killed with SIGKILL mid-epoch and started again with the same run
+name continues in the same MLflow run and ends with the weights of an uninterrupted run; a Prefect
+flow retry resumes instead of starting over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import load_config
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+SETTINGS = ["data.target=label", "data.drop=[id]", "train.epochs=30", "train.batch_size=2", "train.keep=last",
+            "train.seed=3", "model.dropout=0.2", "tracking.log_model=false", "train.device=cpu"]  # fmt: skip
+
+
+def final_weights(summary) -> dict[str, torch.Tensor]:
+    return torch.load(Path(urlparse(summary["artifacts"]["model_state.pt"]).path), weights_only=True)
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def cli(toy_csv, home: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "pipelines.cli", "train", "--preset", "csv", "--json", "--set", f"data.path={toy_csv}"]
+    for s in (*SETTINGS, *extra):
+        args += ["--set", s]
+    return args
+
+
+def env_for(home: Path) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return dict(os.environ, TRAINYARD_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+
+
+def test_sigkill_mid_epoch_then_same_run_name_resumes(toy_csv, tmp_path):
+    home = tmp_path / "home"
+    args = cli(toy_csv, home, "tracking.run_name=nightly-7")
+    proc = subprocess.Popen(args, env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    killed_after = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        for last in home.glob("runs/*/checkpoints/last.pt"):
+            try:
+                epoch = torch.load(last, weights_only=True)["epoch"]
+            except Exception:  # replaced while we read it
+                continue
+            if epoch >= 3:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_after = epoch
+                break
+        if killed_after:
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=30)
+    assert killed_after is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("trainyard").experiment_id])
+    assert run.info.status == "RUNNING"  # killed: nobody marked it
+
+    again = subprocess.run(args, env=env_for(home), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert summary["mlflow_run_id"] == run.info.run_id  # the same MLflow run
+    done = client.get_run(run.info.run_id)
+    assert done.info.status == "FINISHED"
+    assert int(done.data.tags["train.resumed_from_epoch"]) >= killed_after
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")][-1] == 30
+
+    ref_home = tmp_path / "reference"
+    ref = subprocess.run(cli(toy_csv, ref_home), env=env_for(ref_home), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert same(final_weights(summary), final_weights(json.loads(ref.stdout)))
+
+
+def test_a_prefect_flow_retry_resumes_from_the_checkpoint(toy_csv, state_home, monkeypatch, tmp_path):
+    import pipelines.steps as steps
+    from pipelines.flow import train_flow
+
+    cfg = load_config("csv", overrides=[f"data.path={toy_csv}", *SETTINGS, "train.epochs=6", "train.batch_size=16"])
+    real = steps.train_model
+    calls = []
+
+    def crash_once(*args, **kwargs):
+        calls.append(kwargs.get("resume_from"))
+        if len(calls) == 1:
+            inner = kwargs["on_epoch"]
+
+            def on_epoch(epoch, metrics):
+                inner(epoch, metrics)
+                if epoch == 2:
+                    raise RuntimeError("worker lost")
+
+            kwargs["on_epoch"] = on_epoch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "train_model", crash_once)
+    summary = train_flow.with_options(retries=1, retry_delay_seconds=0)(cfg)
+    assert calls[0] is None and calls[1] is not None and Path(calls[1]).name == "last.pt"
+    client = MlflowClient(summary["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("trainyard").experiment_id])
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["train.resumed_from_epoch"] == "2"
+
+    monkeypatch.setattr(steps, "train_model", real)
+    monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "reference"))
+    assert same(final_weights(summary), final_weights(train_flow(cfg)))
+
+
+def test_resume_of_a_finished_or_unknown_run_is_refused(toy_csv, state_home):
+    from pipelines.flow import train_flow
+
+    cfg = load_config("csv", overrides=[f"data.path={toy_csv}", *SETTINGS, "train.epochs=1", "train.batch_size=64"])
+    done = train_flow(cfg)
+    with pytest.raises(ValueError, match="already finished; nothing to resume"):
+        train_flow(cfg, resume=done["mlflow_run_id"])
+    with pytest.raises(ValueError, match="no such MLflow run"):
+        train_flow(cfg, resume="0123456789abcdef0123456789abcdef")
