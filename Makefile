@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench soak lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+soak: $(STAMP)
+	$(PY) tests/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .trainyard

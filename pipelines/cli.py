@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -132,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.flow import train_flow
 
     try:
-        summary = train_flow(cfg, force=args.force, resume=args.resume)
+        # Libraries print progress notes (model registration, downloads) on stdout; keep it for the summary.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = train_flow(cfg, force=args.force, resume=args.resume)
     except Exception as exc:
         print(f"trainyard: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -91,5 +91,8 @@ def deploy(work_dir: str | os.PathLike = ".", gpu_slots: int = 1, **plan_args: A
             concurrency_limit=plan.concurrency_limit,
             tags=plan.tags,
         )
+        if plan.flow == "train":
+            # Workers load the flow with retries (a retry resumes from the last checkpoint).
+            deployment.entrypoint = "pipelines/flow.py:retrying_train_flow"
         ids[f"{flow.name}/{plan.name}"] = str(deployment.apply(work_pool_name=plan.pool))
     return ids

@@ -122,3 +122,8 @@ def train_flow(
         "champion": published["champion"],
         "tensorboard_dir": str(tb_dir),
     }
+
+
+# What deployments run: the same flow, retried twice; a retry continues the same MLflow run
+# from its last checkpoint (see steps.find_resumable), it does not start over.
+retrying_train_flow = train_flow.with_options(retries=2, retry_delay_seconds=60)

@@ -98,6 +98,7 @@ def test_schedules_and_pools_are_registered(stack):
         assert nightly.schedules[0].schedule.cron == "0 2 * * *" and nightly.schedules[0].schedule.timezone == "Europe/Berlin"
         assert csv.schedules[0].schedule.cron == "30 3 * * 1"
         assert nightly.work_pool_name == "cpu" and gpu.work_pool_name == "gpu"
+        assert nightly.entrypoint == "pipelines/flow.py:retrying_train_flow"  # retries resume
         assert nightly.parameters["cfg"]["model"]["name"] == "cnn"
         assert csv.parameters["cfg"]["data"]["path"] == "/data/retrain.csv"
         assert client.read_work_pool("gpu").concurrency_limit == 1
