@@ -11,6 +11,7 @@ training code and the benchmarks can use the config where prefect and mlflow are
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,17 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     # Unknown keys fail loudly; assignments are validated too (`--set` goes through them).
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        # Bounds catch NaN but not an infinity where there is no upper bound (weight_decay=.inf, kwargs).
+        values = v.values() if isinstance(v, dict) else v if isinstance(v, list) else (v,)
+        for x in values:
+            for y in x if isinstance(x, list) else (x,):
+                if isinstance(y, float) and not math.isfinite(y):
+                    raise ValueError(f"expected a finite number, got {y}")
+        return v
 
 
 class DataConfig(Section):
@@ -88,6 +100,13 @@ class DataConfig(Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, title="Validation share", description="Share held out for validation.")
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, title="Test share", description="Share held out for test (CSV).")
     split_seed: int = Field(0, ge=0, title="Split seed", description="Seed of the train/val/test split.")
+
+    @field_validator("path")
+    @classmethod
+    def _local_path(cls, v: str) -> str:
+        if "://" in v and not v.startswith("file://"):
+            raise ValueError(f"scheme {v.split('://', 1)[0]}:// is not supported; expected a local path or a file:// URI")
+        return v
 
 
 class ModelConfig(Section):
@@ -203,6 +222,10 @@ class TrainSection(Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", title="Compile mode", description="torch.compile mode; reduce-overhead uses CUDA graphs."
     )
+    checkpoint_every: int = Field(
+        1, ge=0, le=10_000, title="Checkpoint every",
+        description="Epochs between resume checkpoints (model, optimizer, scheduler, RNG states); 0: only at the end.",
+    )
     keep: Literal["best", "last"] = Field(
         "best",
         title="Checkpoint kept",
@@ -223,7 +246,11 @@ class TrackingConfig(Section):
         description="sqlite:///... or http://...; empty: MLFLOW_TRACKING_URI, else a SQLite file in the state folder.",
     )
     experiment: str = Field("trainyard", min_length=1, max_length=200, title="Experiment", description="MLflow experiment.")
-    run_name: str = Field("", max_length=200, title="Run name", description="MLflow run name; empty: generated.")
+    run_name: str = Field(
+        "", max_length=200, pattern=r"^[A-Za-z0-9_.\- ]*$", title="Run name",
+        description="MLflow run name (letters, digits, _ . - and spaces); empty: generated. An unfinished run "
+        "of the same name is resumed from its last checkpoint.",
+    )
     tensorboard: bool = Field(True, title="TensorBoard", description="Write TensorBoard event files.")
     log_model: bool = Field(True, title="Log model", description="Log the model to MLflow with a signature.")
     flush_timeout: float = Field(
@@ -264,7 +291,18 @@ class StorageConfig(Section):
     def _known_scheme(cls, v: str) -> str:
         if "://" in v and not v.startswith(("file://", "s3://")):
             raise ValueError(f"expected file:///path, a local folder or s3://bucket/prefix, got {v!r}")
-        return _no_credentials(v, "storage.uri", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        if v.startswith("s3:") and not v.startswith("s3://"):  # a typo, not a local folder named "s3:"
+            raise ValueError("starts with 's3:' but not 's3://'; expected s3://bucket/prefix")
+        v = _no_credentials(v, "storage.uri", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        if v.startswith("s3://"):
+            from tasks.s3store import parse_s3_uri  # light: no boto3, no torch
+            from tasks.storage import StorageError
+
+            try:
+                parse_s3_uri(v)
+            except StorageError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("endpoint_url")
     @classmethod
@@ -426,6 +464,8 @@ def load_config(
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder; expected a YAML file") from None
         except UnicodeDecodeError as exc:
             raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from None
         try:

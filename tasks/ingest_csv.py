@@ -7,7 +7,9 @@ Row numbers count data rows from 1; the file line is one more (the header is lin
 
 from __future__ import annotations
 
+import csv
 import logging
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -17,7 +19,8 @@ import pandas as pd
 import torch
 
 from tasks.errors import DataError
-from tasks.prepared import Prepared, cache_key, sha256_file
+from tasks.hashing import sha256_file
+from tasks.prepared import Prepared, cache_key
 from tasks.splits import split_indices
 
 log = logging.getLogger("trainyard.ingest")
@@ -36,6 +39,53 @@ def local_path(path_or_uri: str) -> Path:
     return Path(path_or_uri)
 
 
+def _utf8_error(path: Path, detail: str = "") -> DataError:
+    """Where the first byte that is not UTF-8 sits (offset and line), found by decoding the file in chunks."""
+    offset, line, pending = 0, 1, b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            data = pending + chunk
+            if not data:
+                break
+            try:
+                data.decode("utf-8")
+                bad = None
+            except UnicodeDecodeError as exc:
+                bad = exc
+            if bad is None or (chunk and bad.reason == "unexpected end of data"):  # a character cut by the chunk
+                cut = len(data) if bad is None else bad.start
+                line += data[:cut].count(b"\n")
+                offset, pending = offset + cut, data[cut:]
+                continue
+            line += data[: bad.start].count(b"\n")
+            return DataError(
+                f"CSV file {path} is not valid UTF-8 text (byte 0x{data[bad.start]:02x} at byte offset "
+                f"{offset + bad.start}, line {line}); save it as UTF-8"
+            )
+    return DataError(f"CSV file {path} is not valid UTF-8 text ({detail}); save it as UTF-8")
+
+
+def _header(path: Path) -> list[str]:
+    """The header's column names as written (pandas renames duplicates to `a.1`, so they are read here)."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        names = next(csv.reader(f), [])
+    if names and names[0].startswith("\ufeff"):
+        names[0] = names[0][1:]
+    return names
+
+
+def _ragged_line(path: Path, n_fields: int) -> tuple[int, int] | None:
+    """(line, fields) of the first record whose field count differs from the header's."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        for record in reader:
+            if record and len(record) != n_fields:
+                return reader.line_num, len(record)
+    return None
+
+
 def read_csv(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"CSV file not found: {path}")
@@ -46,16 +96,29 @@ def read_csv(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, engine="pyarrow")
     except UnicodeDecodeError as exc:
-        raise DataError(f"CSV file {path} is not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise _utf8_error(path, f"{exc.reason} at byte {exc.start}") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"CSV file {path} has no columns; expected a header line and data rows") from None
     except Exception as exc:  # pyarrow reports ragged rows, bad quoting and encodings as ArrowInvalid
+        text = str(exc)
+        if "utf8" in text.lower() or "utf-8" in text.lower():
+            raise _utf8_error(path, text) from None
+        ragged = re.search(r"Expected (\d+) columns, got (\d+)", text)
+        where = _ragged_line(path, int(ragged.group(1))) if ragged else None
+        if where:
+            raise DataError(
+                f"CSV file {path} could not be parsed: line {where[0]} has {where[1]} fields, "
+                f"expected {ragged.group(1)} like the header ({text})"
+            ) from None
         raise DataError(f"CSV file {path} could not be parsed: {exc}") from None
     if len(df.columns) == 0:
         raise DataError(f"CSV file {path} has no columns; expected a header line and data rows")
-    dupes = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    header = _header(path)
+    dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
-        raise DataError(f"CSV file {path}: duplicate column names {dupes}; each column needs a unique name")
+        raise DataError(
+            f"CSV file {path}: duplicate column names {dupes} in the header (line 1); each column needs a unique name"
+        )
     if len(df) == 0:
         raise DataError(f"CSV file {path} has a header but no data rows (columns: {', '.join(map(str, df.columns))})")
     return df
@@ -78,7 +141,9 @@ def _numeric_or_error(path: Path, name: str, col: pd.Series) -> np.ndarray | Non
         bad = np.isinf(values)
         if bad.any():
             i = _first_true(bad)
-            raise DataError(f"CSV file {path}: column {name!r} has an infinite value at {_row(i)}; expected a finite number")
+            raise DataError(f"CSV file {path}: column {name!r} has an infinite value (or one beyond float64's range) at {_row(i)}; expected a finite number")
+        if pd.api.types.is_float_dtype(col):
+            _no_integers_beyond_int64(path, name, values)
         return values
     present = col.notna().to_numpy()
     coerced = pd.to_numeric(col, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
@@ -91,6 +156,23 @@ def _numeric_or_error(path: Path, name: str, col: pd.Series) -> np.ndarray | Non
             f"expected a number (or list the column in data.categorical)"
         )
     return None if bad.any() else coerced
+
+
+def _no_integers_beyond_int64(path: Path, name: str, values: np.ndarray) -> None:
+    """pyarrow reads integers beyond 64 bits as doubles, silently rounding them (ids, labels); refuse those."""
+    with np.errstate(invalid="ignore"):
+        big = np.abs(values) >= 2.0**63
+    if not big.any():
+        return
+    text = pd.read_csv(path, engine="pyarrow", usecols=[name], dtype={name: "string"})[name]
+    integer = re.compile(r"\s*[+-]?\d+\s*")
+    for i in np.flatnonzero(big):
+        token = text.iloc[i]
+        if isinstance(token, str) and integer.fullmatch(token):
+            raise DataError(
+                f"CSV file {path}: column {name!r} has the integer {token.strip()} at {_row(i)}, beyond the 64-bit "
+                f"range; expected integers between -2**63 and 2**63-1 (drop the column with data.drop if it is an id)"
+            )
 
 
 def _missing_error(path: Path, name: str, mask: np.ndarray) -> DataError:
@@ -115,6 +197,8 @@ def ingest_csv(data_cfg, state_root: Path) -> tuple[str, dict[str, Any], Any]:
     path = local_path(data_cfg.path)
     if not path.exists():
         raise DataError(f"CSV file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"CSV path {path} is a folder, expected a file")
     content_hash = sha256_file(path)
     params = data_cfg.model_dump(exclude={"path", "root", "download", "split", "n_train", "limit", "source"})
     params["source"] = "csv"
@@ -125,6 +209,8 @@ def ingest_csv(data_cfg, state_root: Path) -> tuple[str, dict[str, Any], Any]:
 def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
     df = read_csv(path)
     columns = [str(c) for c in df.columns]
+    if columns and columns[0].startswith("\ufeff"):  # a UTF-8 byte-order mark is not part of the name
+        columns[0] = columns[0][1:]
     df.columns = columns
     target = data_cfg.target
     if target not in columns:
@@ -139,6 +225,10 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
     features = [c for c in features if c not in data_cfg.drop]
     if not features:
         raise DataError(f"CSV file {path}: no feature columns left after dropping {data_cfg.drop}")
+    for name in [*features, target]:  # pyarrow keeps text that is not UTF-8 as raw bytes
+        col = df[name]
+        if pd.api.types.is_object_dtype(col) and col.map(lambda v: isinstance(v, bytes)).any():
+            raise _utf8_error(path, f"column {name!r}")
 
     # ---- column kinds ----
     numeric: dict[str, np.ndarray] = {}
@@ -156,6 +246,8 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
     # ---- target and task type ----
     y_col = df[target]
     y_missing = y_col.isna().to_numpy()
+    if y_missing.all():
+        raise DataError(f"CSV file {path}: target column {target!r} has no values at all (every row is missing); expected the values to predict")
     y_numeric = None if pd.api.types.is_bool_dtype(y_col) else _numeric_or_error(path, target, y_col)
     task = data_cfg.task
     if task == "auto":
@@ -259,14 +351,18 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
             if n_missing and train_missing.all():
                 raise DataError(f"CSV file {path}: column {name!r} has no values in the training split")
             # np.median equals np.nanmedian when nothing is missing, without nanmedian's copies
-            median = float(np.nanmedian(train_values) if n_missing and train_missing.any() else np.median(train_values))
-            if n_missing:
-                values = np.where(missing, median, values)
-                train_values = values[train_idx]
-            mean = float(train_values.mean())
-            std = float(train_values.std())
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, with the column
+                median = float(np.nanmedian(train_values) if n_missing and train_missing.any() else np.median(train_values))
+                if n_missing:
+                    values = np.where(missing, median, values)
+                    train_values = values[train_idx]
+                mean = float(train_values.mean())
+                std = float(train_values.std())
             if not np.isfinite(mean) or not np.isfinite(std):
-                raise DataError(f"CSV file {path}: column {name!r} has values too large to standardise (mean {mean}, std {std})")
+                raise DataError(
+                    f"CSV file {path}: column {name!r} has values too large to standardise (mean {mean}, std {std}); "
+                    f"expected numbers whose spread fits in float64 (below about 1e154), rescale the column"
+                )
             scale = std if std > 0 else 1.0
             X[:, col_i] = (values - mean) / scale
             feature_schema.append(
@@ -309,8 +405,14 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
             y_tensor = y_tensor.to(torch.float32)
         output_size = 1 if n_classes == 2 else n_classes
     else:
-        y_mean = float(y_all[train_idx].mean())
-        y_std = float(y_all[train_idx].std()) or 1.0
+        with np.errstate(over="ignore", invalid="ignore"):
+            y_mean = float(y_all[train_idx].mean())
+            y_std = float(y_all[train_idx].std()) or 1.0
+        if not np.isfinite(y_mean) or not np.isfinite(y_std):
+            raise DataError(
+                f"CSV file {path}: target {target!r} has values too large to standardise (mean {y_mean}, std {y_std}); "
+                f"expected numbers whose spread fits in float64 (below about 1e154), rescale the column"
+            )
         target_schema.update(mean=y_mean, std=y_std)
         y_tensor = torch.from_numpy(((y_all - y_mean) / y_std).astype(np.float32))
         output_size = 1

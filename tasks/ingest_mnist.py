@@ -97,7 +97,10 @@ def read_idx(path: Path, expect_ndim: int) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"MNIST file {path} is corrupt or truncated (gzip: {exc}); download it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"MNIST file {path} is not an IDX file: bad magic number {data[:4].hex() or 'empty file'}")
+        raise DataError(
+            f"MNIST file {path} is not an IDX file: bad magic number {data[:4].hex() or 'empty file'}; "
+            f"expected 0000080{expect_ndim} (unsigned bytes, {expect_ndim} dimensions)"
+        )
     dtype_code, ndim = data[2], data[3]
     if dtype_code != 0x08:
         raise DataError(f"MNIST file {path}: IDX data type 0x{dtype_code:02x}, expected 0x08 (unsigned bytes)")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+
 SPLITS = ("train", "val", "test")
 TENSORS_FILE = "tensors.pt"
 SCHEMA_FILE = "schema.json"
@@ -38,14 +39,6 @@ def cache_key(content_hash: str, params: dict[str, Any]) -> str:
     """Key of a prepared dataset: the data's content hash and the config that shaped it."""
     blob = json.dumps({"content": content_hash, "params": params}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dataset_dir(root: Path, key: str) -> Path:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks.prepared import sha256_file
+from tasks.hashing import sha256_file
 from tasks.storage import MANIFEST, StorageError, check_key
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
@@ -31,10 +31,18 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     rest = uri[len("s3://") :]
     bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
-    if not bucket or not _valid_bucket(bucket):
-        raise StorageError(f"storage.uri {uri!r}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')")
+    if not bucket:
+        raise StorageError(f"storage.uri {uri!r} names no bucket; expected s3://bucket/prefix")
+    problems = []
+    if not _valid_bucket(bucket):
+        problems.append(f"{bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')")
     if prefix:
-        check_key(prefix)
+        try:
+            check_key(prefix)
+        except StorageError:
+            problems.append(f"prefix {prefix!r} is not allowed; expected relative names without '..', '.' or empty parts")
+    if problems:
+        raise StorageError(f"storage.uri {uri!r}: {'; '.join(problems)}")
     return bucket, prefix
 
 

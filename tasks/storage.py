@@ -19,7 +19,7 @@ from typing import Protocol
 from urllib.parse import unquote, urlparse
 
 from tasks.errors import DataError
-from tasks.prepared import sha256_file
+from tasks.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 

@@ -82,6 +82,8 @@ def test_csv_needs_path_and_target():
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(config_file=tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder; expected a YAML file"):
+        load_config(config_file=tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
