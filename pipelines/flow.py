@@ -28,7 +28,20 @@ preflight_task = task(steps.preflight, name="preflight", cache_policy=NO_CACHE)
 unchanged_task = task(steps.unchanged_since_champion, name="check-unchanged", cache_policy=NO_CACHE)
 resumable_task = task(steps.find_resumable, name="find-resumable", cache_policy=NO_CACHE)
 start_task = task(steps.start, name="start-run", cache_policy=NO_CACHE, **IO_RETRIES)
-ingest_task = task(steps.ingest_data, name="ingest", cache_policy=NO_CACHE)
+def _not_bad_input(task, task_run, state) -> bool:
+    """Retry I/O failures (an S3 blip), not bad data: that fails the same way every time."""
+    from tasks.errors import DataError
+
+    try:
+        state.result()
+    except DataError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+ingest_task = task(steps.ingest_data, name="ingest", cache_policy=NO_CACHE, retry_condition_fn=_not_bad_input, **IO_RETRIES)
 train_task = task(steps.train, name="train", cache_policy=NO_CACHE)
 evaluate_task = task(steps.evaluate, name="evaluate", cache_policy=NO_CACHE)
 store_task = task(steps.store_artifacts, name="store-artifacts", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -52,6 +52,16 @@ def _valid_bucket(name: str) -> bool:
     return bool(re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", name)) and ".." not in name
 
 
+def _transient(exc: Exception) -> bool:
+    """Connection failures, timeouts, 5xx and throttling: worth waiting for. Not 403/404."""
+    from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+
+    if isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)):
+        return True
+    code = _error_code(exc)
+    return code.startswith("5") or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable")
+
+
 def _error_code(exc: Exception) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
@@ -109,12 +119,21 @@ class S3Store:
 
     # ---- the interface ----
 
-    def preflight(self) -> None:
-        """head_bucket: a missing bucket or refused credentials stop the run before training."""
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:
-            raise self._fail("preflight", "", exc) from None
+    def preflight(self, wait: float = 30.0) -> None:
+        """head_bucket: a missing bucket or refused credentials stop the run at once, before training;
+        an endpoint that is down (a restart) is waited for up to `wait` seconds, with backoff."""
+        import time
+
+        deadline, delay = time.monotonic() + wait, 1.0
+        while True:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return
+            except Exception as exc:
+                if not _transient(exc) or time.monotonic() + delay > deadline:
+                    raise self._fail("preflight", "", exc) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
 
     def exists(self, name: str) -> bool:
         key = self.key(name)

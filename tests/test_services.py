@@ -244,3 +244,21 @@ def test_no_secret_reaches_anything_the_run_wrote(toy_csv, s3, mlflow_uri, state
         everything += s3_client(s3).get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read().decode("latin-1")
     for secret in secrets:
         assert secret not in everything
+
+
+def test_preflight_waits_for_an_endpoint_that_is_restarting(s3):
+    """A restart of the S3 endpoint during preflight is waited out; a missing bucket is not."""
+    import time
+
+    from tasks.s3store import S3Store
+
+    store = S3Store(BUCKET, "p", endpoint_url=s3.url, max_attempts=1)
+    s3.stop()
+    threading.Timer(2.0, s3.start).start()
+    t = time.monotonic()
+    store.preflight(wait=30)
+    assert time.monotonic() - t >= 1.5
+    t = time.monotonic()
+    with pytest.raises(StorageError, match="does not exist"):
+        S3Store("no-such-bucket", "p", endpoint_url=s3.url, max_attempts=1).preflight(wait=30)
+    assert time.monotonic() - t < 5
