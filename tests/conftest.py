@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_MNIST = REPO.parent / "shared" / "data" / "mnist"
+# The real MNIST t10k files: ../shared/data/mnist beside the project, or TRAINYARD_REAL_MNIST.
+REAL_MNIST = Path(os.environ.get("TRAINYARD_REAL_MNIST") or REPO.parent / "shared" / "data" / "mnist")
 
 
 @pytest.fixture(autouse=True)
