@@ -11,7 +11,6 @@ of one `__getitem__` call and a collate per sample.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset

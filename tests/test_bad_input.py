@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from pydantic import ValidationError
 
 from pipelines.config import ConfigError, DataConfig, TrainConfig, load_config

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.cli import main
-from pipelines.config import load_config, resolve_tracking_uri
+from pipelines.config import load_config
 from tasks.errors import DataError, TrainingError
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
