@@ -109,3 +109,17 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ck["epoch"] == 1  # the previous checkpoint, whole
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_resume_continues_on_cuda(tmp_path):
+    """On CUDA (resident data, bf16, fused optimizer) a resumed run restores every state and finishes;
+    bit-equality is only claimed on the CPU."""
+    prepared = digits()
+    train = TrainSection(epochs=3, batch_size=32, seed=5, device="cuda", augment="shift")
+    with pytest.raises(Crash):
+        train_model(prepared, MODEL, OPTIM, ScheduleConfig(name="onecycle"), train, tmp_path, on_epoch=crash_after(1))
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and "cuda" in ck["rng"]
+    resumed = train_model(prepared, MODEL, OPTIM, ScheduleConfig(name="onecycle"), train, tmp_path, resume_from=tmp_path / "last.pt")
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3] and resumed.device.startswith("cuda")
