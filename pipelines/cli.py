@@ -98,6 +98,31 @@ def configure_logging() -> None:
     logging.getLogger("trainyard").setLevel(logging.INFO)
     # The embedded Prefect server's usage telemetry is noise here (and races on its SQLite file).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Several runs starting at once on a small machine start slowly; Prefect's default is 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def start_embedded_prefect() -> None:
+    """Without PREFECT_API_URL each run starts Prefect's embedded server on one SQLite file in
+    PREFECT_HOME. Start it under a file lock, so runs started together do not race on that
+    database's migrations; the flow then uses the server this process already started."""
+    import fcntl
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "trainyard-embedded-server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            SubprocessASGIServer().start()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _load(args) -> TrainConfig:
@@ -133,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.flow import train_flow
 
     try:
+        start_embedded_prefect()
         # Libraries print progress notes (model registration, downloads) on stdout; keep it for the summary.
         with contextlib.redirect_stdout(sys.stderr):
             summary = train_flow(cfg, force=args.force, resume=args.resume)
