@@ -261,6 +261,10 @@ class TrackingConfig(Section):
         "", max_length=200, title="Registered model", description="Model registry name; empty: the experiment's name."
     )
 
+    def model_name(self) -> str:
+        """The model registry name: registered_model, else the experiment's name."""
+        return self.registered_model or self.experiment
+
     @field_validator("uri")
     @classmethod
     def _uri_without_secrets(cls, v: str) -> str:

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from pipelines import steps
+from pipelines.remote import train_remotely
 from pipelines.config import TrainConfig, resolve_storage_uri, resolve_tracking_uri, state_dir
 from tasks import tracking
 
@@ -46,6 +47,7 @@ train_task = task(steps.train, name="train", cache_policy=NO_CACHE)
 evaluate_task = task(steps.evaluate, name="evaluate", cache_policy=NO_CACHE)
 store_task = task(steps.store_artifacts, name="store-artifacts", cache_policy=NO_CACHE, **IO_RETRIES)
 publish_task = task(steps.publish, name="publish", cache_policy=NO_CACHE)
+train_remote_task = task(train_remotely, name="train-remote", cache_policy=NO_CACHE)
 
 
 SKIPPED = "Skipped"
@@ -91,9 +93,7 @@ def train_flow(
         run_dir.mkdir(parents=True, exist_ok=True)
         dataset = ingest_task(cfg, state, tracking_uri, run_id, storage_uri)
         if train_deployment:
-            from pipelines.remote import train_remotely
-
-            result = task(train_remotely, name="train-remote", cache_policy=NO_CACHE)(
+            result = train_remote_task(
                 train_deployment, cfg, dataset["key"], run_id, tracking_uri, storage_uri, str(run_dir), str(tb_dir)
             )
         else:

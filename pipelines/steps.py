@@ -20,7 +20,7 @@ from pipelines.config import TrainConfig
 from tasks import champion, tracking
 from tasks.evaluate import evaluate_model
 from tasks.ingest import ingest
-from tasks.prepared import SCHEMA_FILE, load_prepared
+from tasks.prepared import SCHEMA_FILE, load_prepared, load_schema
 from tasks.storage import ArtifactStore, open_store
 from tasks.train import load_weights, train_model
 
@@ -88,7 +88,7 @@ def unchanged_since_champion(cfg: TrainConfig, state: Path, tracking_uri: str) -
 
     from tasks.ingest import identity
 
-    model_name = cfg.tracking.registered_model or cfg.tracking.experiment
+    model_name = cfg.tracking.model_name()
     champ = champion.current_champion(tracking_uri, model_name)
     code = code_version()
     if champ is None or not code or code.endswith("-dirty"):
@@ -123,7 +123,7 @@ def start(cfg: TrainConfig, tracking_uri: str, flow_run_id: str = "") -> str:
 def ingest_data(cfg: TrainConfig, state: Path, tracking_uri: str, run_id: str, storage_uri: str) -> dict[str, Any]:
     ref = ingest(cfg.data, state, store=store_for(cfg, storage_uri))
     tracking.set_tags(tracking_uri, run_id, {"data.hash": ref["content_hash"], "data.key": ref["key"]})
-    schema = load_prepared_schema(ref["path"])
+    schema = load_schema(ref["path"])
     tracking.MlflowTracker(tracking_uri, run_id).log_params(
         {
             "dataset.task": schema["task"],
@@ -134,10 +134,6 @@ def ingest_data(cfg: TrainConfig, state: Path, tracking_uri: str, run_id: str, s
     )
     log.info("task type: %s (%s)", schema["task"], schema.get("task_reason", ""))
     return ref
-
-
-def load_prepared_schema(path: str) -> dict[str, Any]:
-    return json.loads((Path(path) / SCHEMA_FILE).read_text(encoding="utf-8"))
 
 
 def _trackers(cfg: TrainConfig, tracking_uri: str, run_id: str, tb_dir: str) -> tracking.Tracker:
@@ -302,17 +298,18 @@ def publish(
 
     out: dict[str, Any] = {"mlflow_model": "", "champion": None}
     if cfg.tracking.log_model:
+        # Check the promotion metric before a model version is registered, not after.
+        metric, higher = champion.champion_metric(evaluation["task"], cfg.tracking.champion_metric)
+        if metric not in metrics:
+            raise ValueError(f"tracking.champion_metric {metric!r} is not among the test metrics: {', '.join(sorted(metrics))}")
         prepared = load_prepared(dataset_path)
         model = build_model(cfg.model.name, prepared.schema, cfg.model)
         model.load_state_dict(load_weights(checkpoint)["model_state"])
         example = features(prepared, "test")[:2].numpy().astype(np.float32)
         reqs = [f"{k}=={v}" for k, v in versions().items() if k in ("torch", "torchvision")]
-        model_name = cfg.tracking.registered_model or cfg.tracking.experiment
+        model_name = cfg.tracking.model_name()
         info = tracking.log_torch_model(tracking_uri, run_id, model, example, reqs, registered_model_name=model_name)
         out["mlflow_model"] = info["model_uri"]
-        metric, higher = champion.champion_metric(evaluation["task"], cfg.tracking.champion_metric)
-        if metric not in metrics:
-            raise ValueError(f"tracking.champion_metric {metric!r} is not among the test metrics: {', '.join(sorted(metrics))}")
         decision = champion.decide(tracking_uri, model_name, info["version"], run_id, metric, higher, metrics[metric], data_hash)
         log.info("registry: %s v%s %s (%s)", model_name, decision.version, "promoted to champion" if decision.promoted else "stays challenger", decision.reason)
         out["champion"] = decision.to_dict()

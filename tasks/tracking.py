@@ -187,7 +187,7 @@ def _sqlite_path(tracking_uri: str) -> str:
 
 
 def init_store(tracking_uri: str) -> None:
-    """Create (migrate) a SQLite tracking database under a file lock.
+    """Create (migrate) a SQLite tracking database under a file lock (the flow's preflight calls it).
 
     Several runs starting at once on one state folder would otherwise race on MLflow's
     schema migrations. A server URI needs nothing here.
@@ -212,7 +212,6 @@ def init_store(tracking_uri: str) -> None:
 def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
     from mlflow.tracking import MlflowClient
 
-    init_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
