@@ -6,6 +6,7 @@ lazily, so the training code runs where mlflow is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -296,6 +297,36 @@ def configure_mlflow_client(env: dict | None = None) -> None:
     env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+@contextlib.contextmanager
+def _fluent_uris(uri: str):
+    """Point MLflow's fluent API at `uri`, then put back what was there before.
+
+    `mlflow.set_tracking_uri`/`set_registry_uri` change process-wide state and export
+    MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI to the environment; left behind, a later run in
+    the same process (or a subprocess it starts) would track into this run's server.
+    """
+    import os
+
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def log_torch_model(
     tracking_uri: str, run_id: str, model, input_example, pip_requirements: list[str], registered_model_name: str = ""
 ) -> dict[str, str]:
@@ -309,9 +340,7 @@ def log_torch_model(
     with torch.no_grad():
         output = model(torch.from_numpy(input_example)).numpy()
     signature = infer_signature(input_example, output)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with _fluent_uris(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
             name="model",

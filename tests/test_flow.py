@@ -63,7 +63,10 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home):
     import mlflow.pytorch
     import torch
 
-    model = mlflow.pytorch.load_model(summary["mlflow_model_uri"])
+    from tasks.tracking import _fluent_uris
+
+    with _fluent_uris(summary["tracking_uri"]):  # a reader points MLflow at the run's store, as a user would
+        model = mlflow.pytorch.load_model(summary["mlflow_model_uri"])
     width = json.loads(Path(summary["dataset"]["path"], "schema.json").read_text())["input_shape"][0]
     assert model(torch.zeros(3, width)).shape == (3, 1)
     # TensorBoard: same scalars, the learning rate and the confusion matrix image
@@ -170,3 +173,17 @@ def test_unchanged_run_is_skipped_unless_forced(toy_csv, state_home, monkeypatch
     assert steps.unchanged_since_champion(cfg, state_home, uri) == ""
     monkeypatch.setenv("TRAINYARD_GIT_SHA", "0123456789abcdef")
     assert "mlflow_run_id" in train_flow(csv_config(toy_csv, "train.epochs=3"))
+
+
+def test_a_run_leaves_no_mlflow_uri_behind_in_the_process(toy_csv, state_home, monkeypatch):
+    """Logging the model uses MLflow's process-wide URIs; they are put back afterwards, so a later run
+    in the same process (or a subprocess) does not track into this run's store."""
+    import os
+
+    import mlflow
+
+    from pipelines.flow import train_flow
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
+    train_flow(csv_config(toy_csv, "train.epochs=1", "tracking.log_model=true"))
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
