@@ -1,0 +1,102 @@
+"""The embedded Prefect server that `trainyard train` starts early, and the command's exit."""
+
+from __future__ import annotations
+
+import fcntl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import embedded_prefect
+from pipelines.embedded_prefect import EmbeddedPrefect
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ScriptedServer(EmbeddedPrefect):
+    """Spawns a stand-in script instead of uvicorn; the first one may 'lose' its port (exit 3)."""
+
+    def __init__(self, home: Path, scripts: list[str], timeout: float = 30):
+        super().__init__(home, {}, timeout)
+        self.scripts = scripts
+        self.spawned = 0
+
+    def _spawn(self) -> None:
+        self.port = embedded_prefect._free_port()
+        script = self.scripts[min(self.spawned, len(self.scripts) - 1)].replace("PORT", str(self.port))
+        self.spawned += 1
+        self.process = subprocess.Popen([sys.executable, "-c", script])
+
+
+HEALTHY = """
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/api/health" else 404); self.end_headers(); self.wfile.write(b"true")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", PORT), H).serve_forever()
+"""
+
+
+def lock_is_free(home: Path) -> bool:
+    with open(home / "trainyard-embedded-server.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def test_wait_returns_the_api_url_once_healthy_then_stop_ends_the_process(tmp_path):
+    server = ScriptedServer(tmp_path, [HEALTHY]).start()
+    assert not lock_is_free(tmp_path)  # held while the server starts
+    url = server.wait()
+    assert url == f"http://127.0.0.1:{server.port}/api"
+    assert lock_is_free(tmp_path)
+    process = server.process
+    server.stop()
+    assert process.poll() is not None and server.process is None
+
+
+def test_a_lost_port_is_retried_on_another_one(tmp_path):
+    server = ScriptedServer(tmp_path, ["import sys; sys.exit(3)", HEALTHY]).start()
+    try:
+        server.wait()
+        assert server.spawned == 2
+    finally:
+        server.stop()
+
+
+def test_a_server_that_exits_is_reported_and_the_lock_released(tmp_path):
+    server = ScriptedServer(tmp_path, ["import sys; sys.exit(1)"]).start()
+    with pytest.raises(RuntimeError, match="exited with status 1 before it answered"):
+        server.wait()
+    assert lock_is_free(tmp_path) and server.process is None
+
+
+def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path):
+    server = ScriptedServer(tmp_path, ["import time; time.sleep(60)"], timeout=1).start()
+    process = server.process
+    with pytest.raises(RuntimeError, match=r"did not answer on http://127\.0\.0\.1:\d+/api within 1 s"):
+        server.wait()
+    assert process.poll() is not None and lock_is_free(tmp_path)
+
+
+def test_no_embedded_server_when_an_api_url_is_configured():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert embedded_prefect.start_if_needed() is None
+
+
+@pytest.mark.parametrize("argv, code", [(["config", "--preset", "mnist"], 0), (["train"], 2)])
+def test_the_command_exits_with_mains_status(argv, code):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == code, proc.stderr
+    if code == 0:
+        assert "optim:" in proc.stdout
+    else:
+        assert "give --preset NAME or --config FILE" in proc.stderr
