@@ -19,6 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipelines.config import ConfigError, DataConfig, TrainConfig, load_config
+from tasks import ingest_csv
 from tasks.errors import DataError
 from tasks.ingest import ingest
 from tasks.prepared import load_prepared
@@ -279,6 +280,27 @@ def test_bad_file_in_place_of_a_good_one_keeps_the_earlier_dataset(tmp_path, sta
     path.write_text("x,y,label\n" + good_rows())
     again = ingest(csv_cfg(path), state_home)
     assert again["reused"] and again["key"] == good["key"]
+
+
+@pytest.mark.parametrize(
+    "bad_line, fragments",
+    [
+        ("3,4,b,5", ["could not be parsed", "line 152 has 4 fields, expected 3"]),
+        ("caf\xe9,4,b", ["is not valid UTF-8 text", "line 152", "save it as UTF-8"]),
+        ("abc,4,b", ["column 'x' holds numbers but row 151 (line 152) has 'abc'"]),
+        ("18446744073709551621,4,b", ["column 'x' has the integer 18446744073709551621 at row 151 (line 152)"]),
+        ("9" * 400 + ",4,b", ["column 'x' has an infinite value", "row 151 (line 152)"]),
+    ],
+    ids=["ragged", "latin-1", "text-in-numbers", "beyond-int64", "beyond-float64"],
+)
+def test_bad_row_late_in_a_file_read_in_pieces(tmp_path, state_home, earlier, monkeypatch, bad_line, fragments):
+    """A large file is read in pieces (here a few hundred bytes each): a bad row in a later piece is refused
+    with the same words as in a small file read at once."""
+    monkeypatch.setattr(ingest_csv, "PIECE_BYTES", 256)
+    lines = good_rows(200).splitlines()
+    lines[150] = bad_line
+    path = put(tmp_path, "late.csv", ("x,y,label\n" + "\n".join(lines) + "\n").encode("latin-1"))
+    refused(state_home, earlier, csv_cfg(path), "late.csv", *fragments)
 
 
 # ---- IDX (MNIST) files --------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import numpy as np
@@ -6,9 +7,11 @@ import pytest
 import torch
 
 from pipelines.config import DataConfig
+from tasks import ingest_csv
 from tasks.errors import DataError
 from tasks.ingest import ingest
 from tasks.prepared import load_prepared
+from tasks.splits import split_indices
 from tests.conftest import separable_frame
 
 
@@ -187,3 +190,153 @@ def test_schema_json_is_readable(tmp_path, toy_csv, state_home):
     ref = ingest(cfg(toy_csv), state_home)
     schema = json.loads((state_home / "datasets" / ref["key"] / "schema.json").read_text())
     assert schema["key"] == ref["key"] and schema["content_hash"] == ref["content_hash"]
+
+
+# ---- the reader: pyarrow with pandas' options, in pieces for a large file -------------------------
+
+
+def mixed_frame(n: int = 3000, seed: int = 1) -> pd.DataFrame:
+    """Every kind of column the ingest handles, with missing values in most of them."""
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(
+        {
+            "flag": rng.integers(0, 2, n),
+            "small": rng.integers(-3, 40, n),
+            "wide": rng.integers(-(10**9), 10**9, n),
+            "f": rng.normal(size=n) * 50,
+            "gaps": pd.array(rng.integers(0, 500, n), dtype="Int64"),
+            "colour": rng.choice(["red", "green", "blue", "teal"], n),
+            "code": rng.integers(100, 105, n),
+            "label": rng.choice(["a", "b", "c"], n),
+        }
+    )
+    df.loc[rng.random(n) < 0.05, "f"] = np.nan
+    df.loc[rng.random(n) < 0.05, "gaps"] = pd.NA
+    df.loc[rng.random(n) < 0.03, "colour"] = None
+    df.loc[[17, 2500], "label"] = None
+    return df
+
+
+def expected_tensors(path, categorical=("code",), seed=0):
+    """What the ingest must produce, computed independently: pandas' own read, then numpy in float64."""
+    df = pd.read_csv(path, engine="pyarrow")
+    df = df[df["label"].notna()].reset_index(drop=True)  # missing labels are dropped, missing features imputed
+    names = sorted(df["label"].unique())
+    codes = df["label"].map({v: i for i, v in enumerate(names)}).to_numpy(dtype=np.int64)
+    splits = dict(zip(("train", "val", "test"), split_indices(len(df), 0.1, 0.2, seed, stratify=codes)))
+    train = splits["train"]
+    blocks, stats = [], {}
+    for name in [c for c in df.columns if c != "label"]:
+        col = df[name]
+        if name in categorical or not pd.api.types.is_numeric_dtype(col):
+            values = col.astype("string").fillna("<missing>").to_numpy(dtype=object)
+            vocab = sorted(set(values[train].tolist()))
+            blocks.append(np.stack([values == v for v in vocab], axis=1).astype(np.float32))
+            continue
+        values = col.to_numpy(dtype="float64", na_value=np.nan)
+        median = float(np.nanmedian(values[train]))
+        values = np.where(np.isnan(values), median, values)
+        mean, std = float(values[train].mean()), float(values[train].std())
+        stats[name] = {"median": median, "mean": mean, "std": std}
+        blocks.append(((values - mean) / std).astype(np.float32)[:, None])
+    x = np.concatenate(blocks, axis=1)
+    return {s: (x[idx], codes[idx]) for s, idx in splits.items()}, stats
+
+
+@pytest.mark.parametrize("piece_bytes", [None, 4096], ids=["one-read", "in-pieces"])
+def test_tensors_equal_an_independent_pandas_computation(tmp_path, monkeypatch, piece_bytes):
+    path = write(tmp_path, mixed_frame())
+    if piece_bytes:  # a file larger than a piece is read in pieces; here it must not fall back to one read
+        monkeypatch.setattr(ingest_csv, "PIECE_BYTES", piece_bytes)
+        monkeypatch.setattr(ingest_csv, "_read_whole", lambda path: pytest.fail("read whole"))
+    prepared = ingest_csv.build_csv(cfg(path, categorical=["code"]), path, "hash")
+    expected, stats = expected_tensors(path)
+    for split, (x, y) in expected.items():
+        assert prepared.tensors[f"x_{split}"].dtype == torch.float32
+        assert torch.equal(prepared.tensors[f"x_{split}"], torch.from_numpy(x)), split
+        assert torch.equal(prepared.tensors[f"y_{split}"], torch.from_numpy(y)), split
+    numeric = {f["name"]: f for f in prepared.schema["features"] if f["kind"] == "numeric"}
+    assert list(numeric) == list(stats)
+    for name, values in stats.items():  # the same float64 numbers, not merely close ones
+        assert {k: numeric[name][k] for k in values} == values, name
+    assert prepared.schema["rows_dropped"] == 2 and prepared.schema["label_names"] == ["a", "b", "c"]
+
+
+def rows_text(n: int, x=lambda i: i % 5, label=lambda i: "ab"[i % 2]) -> str:
+    return "x,y,label\n" + "".join(f"{x(i)},{i % 7},{label(i)}\n" for i in range(n))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(rows_text(400), id="ints"),
+        pytest.param(rows_text(400, x=lambda i: 2.5 if i == 380 else i % 5), id="late-float"),
+        pytest.param(rows_text(400, x=lambda i: i % 2 if i < 300 else i * 331), id="flag-then-wider-ints"),
+        pytest.param(rows_text(400, x=lambda i: "" if 200 <= i < 260 else i % 5), id="piece-without-values"),
+        pytest.param(rows_text(400, x=lambda i: i + 0.5 if i < 100 else i), id="floats-then-ints"),
+        pytest.param(rows_text(400, x=lambda i: i % 2 if i < 300 else ("True" if i % 2 else "False")), id="0-1-then-booleans"),
+        pytest.param(rows_text(400, label=lambda i: "a" if i < 300 else "b"), id="late-label"),
+        pytest.param(rows_text(400, x=lambda i: '"3"' if i == 350 else i % 5), id="quoted-value"),
+        pytest.param(rows_text(400).replace("\n", "\r\n"), id="crlf"),
+        pytest.param(rows_text(400).rstrip("\n"), id="no-final-newline"),
+        pytest.param(rows_text(400).replace("5,5,b\n", "5,5,b\n\n\n"), id="blank-lines"),
+        pytest.param("\ufeff" + rows_text(400), id="byte-order-mark"),
+    ],
+)
+def test_a_file_read_in_pieces_gives_what_one_read_gives(tmp_path, monkeypatch, text):
+    """Each piece is parsed on its own; where that could differ from one read of the file, it is read whole."""
+    path = tmp_path / "data.csv"
+    path.write_text(text, encoding="utf-8", newline="")
+    whole = ingest_csv.build_csv(cfg(path), path, "hash")
+    monkeypatch.setattr(ingest_csv, "PIECE_BYTES", 300)
+    pieces = ingest_csv.build_csv(cfg(path), path, "hash")
+    assert json.dumps(pieces.schema, sort_keys=True) == json.dumps(whole.schema, sort_keys=True)
+    assert list(pieces.tensors) == list(whole.tensors)
+    for name, tensor in whole.tensors.items():
+        assert tensor.dtype == pieces.tensors[name].dtype and torch.equal(tensor, pieces.tensors[name]), name
+
+
+def test_compressed_csv_is_read_like_pandas_reads_it(tmp_path, state_home):
+    plain = write(tmp_path, separable_frame())
+    packed = tmp_path / "data.csv.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    a = ingest_csv.build_csv(cfg(plain), plain, "hash")
+    b = ingest_csv.build_csv(cfg(packed), packed, "hash")
+    for name, tensor in a.tensors.items():
+        assert torch.equal(tensor, b.tensors[name]), name
+
+
+def test_missing_value_strings_are_pandas_defaults():
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    assert sorted(ingest_csv.NA_VALUES) == sorted(STR_NA_VALUES)
+
+
+def test_median_and_mean_equal_numpys():
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.integers(0, 2, 1001).astype(np.int8),
+        rng.integers(0, 2, 1000).astype(np.int8),
+        rng.integers(-3, 1, 999).astype(np.int8),
+        rng.integers(-2000, 7000, 1000).astype(np.int16),
+        rng.integers(10**6, 10**6 + 5, 10).astype(np.int32),
+        rng.integers(-(2**62), 2**62, 1000),  # too wide to count, and sums not exact in float64
+        rng.integers(2**53, 2**53 + 10, 1000),
+        np.array([7], dtype=np.int8),
+        rng.normal(size=1001) * 1e3,
+    ]
+    for values in arrays:
+        as_float = values.astype(np.float64)
+        assert ingest_csv._median_and_mean(values) == (float(np.median(as_float)), float(as_float.mean())), values.dtype
+
+
+def test_split_indices_are_unchanged():
+    """The rows each split gets for a seed (pinned: a change would silently re-split every dataset)."""
+    labels = np.array([0, 1, 2, 0, 1, 0, 0, 2, 1, 0, 0, 1, 2, 0, 1, 0, 2, 0, 1, 0])
+    stratified = split_indices(20, 0.2, 0.25, 7, stratify=labels)
+    assert [s.tolist() for s in stratified] == [
+        [1, 4, 5, 6, 7, 9, 10, 12, 13, 14, 19], [0, 11, 16, 17], [2, 3, 8, 15, 18]
+    ]
+    plain = split_indices(20, 0.2, 0.25, 7)
+    assert [s.tolist() for s in plain] == [[0, 2, 4, 5, 6, 7, 9, 11, 17, 18, 19], [3, 8, 12, 13], [1, 10, 14, 15, 16]]
+    assert all(s.dtype == np.int64 for s in (*stratified, *plain))
