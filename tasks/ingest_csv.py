@@ -33,7 +33,7 @@ import torch
 from tasks.errors import DataError
 from tasks.hashing import sha256_file
 from tasks.prepared import Prepared, cache_key
-from tasks.splits import split_indices
+from tasks.splits import distinct_integers, split_indices
 
 log = logging.getLogger("trainyard.ingest")
 MISSING = "<missing>"
@@ -485,12 +485,6 @@ def _countable_integers(col: pd.Series) -> np.ndarray | None:
     return values if -(2**53) < lo and hi < 2**53 and hi - lo <= 1 << 20 else None
 
 
-def _distinct(values: np.ndarray) -> np.ndarray:
-    """np.unique(values) for integers in a small range, by counting."""
-    lo = int(values.min())
-    return np.flatnonzero(np.bincount(values - lo)) + lo
-
-
 def _median_and_mean(values: np.ndarray) -> tuple[float, float]:
     """np.median and ndarray.mean of values as float64, without the median's sort when they are integers
     in a small range: the middle values and the sum are read off a count of each value (the sum is exact,
@@ -612,7 +606,7 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
             task, reason = "classification", "the target holds text or booleans"
         else:
             if y_ints is not None:
-                present, n_unique, integral = y_ints, _distinct(y_ints).size, True
+                present, n_unique, integral = y_ints, distinct_integers(y_ints).size, True
             else:
                 present = y_numeric[~np.isnan(y_numeric)]
                 n_unique = len(pd.unique(present))
@@ -655,7 +649,7 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
     if task == "classification":
         if y_ints is not None:  # the labels and codes below, from counts; the labels as float64, like y_numeric's
             raw = y_ints if all_rows else y_ints[rows]
-            distinct = _distinct(raw)
+            distinct = distinct_integers(raw)
             uniques = [np.float64(v) for v in distinct]
         elif y_numeric is not None:  # numbers: the labels and codes below, without a Python object per row
             raw = y_numeric if all_rows else y_numeric[rows]

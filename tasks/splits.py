@@ -65,12 +65,18 @@ def _sorted(idx: np.ndarray, n: int) -> np.ndarray:
     return np.flatnonzero(marked)
 
 
+def distinct_integers(values: np.ndarray) -> np.ndarray:
+    """np.unique(values) for integers in a small range, by counting instead of sorting."""
+    lo = int(values.min())
+    return (np.flatnonzero(np.bincount(values - lo)) + lo).astype(values.dtype)
+
+
 def _classes(stratify: np.ndarray) -> np.ndarray:
     """np.unique(stratify); label codes (small integers from 0) are counted rather than sorted."""
     stratify = np.asarray(stratify)
     countable = stratify.dtype.kind in "iu" and np.can_cast(stratify.dtype, np.intp) and stratify.size
     if countable and 0 <= stratify.min() and stratify.max() < max(1 << 16, stratify.size):
-        return np.flatnonzero(np.bincount(stratify)).astype(stratify.dtype)
+        return distinct_integers(stratify)
     return np.unique(stratify)
 
 
