@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 
         api = contextlib.nullcontext()
         if server is not None:
-            from prefect.settings import PREFECT_API_URL, temporary_settings
+            from prefect.settings import temporary_settings
 
-            api = temporary_settings(updates={PREFECT_API_URL: server.wait()})
+            api = temporary_settings(updates=embedded_prefect.run_settings(server.wait()))
         # Libraries print progress notes (model registration, downloads) on stdout; keep it for the summary.
         with api, contextlib.redirect_stdout(sys.stderr):
             summary = train_flow(cfg, force=args.force, resume=args.resume)

@@ -92,6 +92,28 @@ def test_no_embedded_server_when_an_api_url_is_configured():
         assert embedded_prefect.start_if_needed() is None
 
 
+def test_runs_on_the_embedded_server_send_no_heartbeats(prefect_harness, monkeypatch):
+    """The server ends with the process; heartbeats would only cost the join at the run's end."""
+    import threading
+
+    from prefect import flow, flow_engine
+    from prefect.settings import get_current_settings, temporary_settings
+
+    beat = threading.Event()
+    monkeypatch.setattr(flow_engine.FlowRunEngine, "_emit_flow_run_heartbeat", lambda self, *a: beat.set())
+
+    @flow
+    def wait_for_a_heartbeat(seconds: float) -> bool:
+        return beat.wait(seconds)
+
+    assert wait_for_a_heartbeat(30)  # control: the harness's settings send one at the start
+    beat.clear()
+    api = get_current_settings().api.url
+    with temporary_settings(updates=embedded_prefect.run_settings(api)):
+        assert get_current_settings().api.url == api
+        assert not wait_for_a_heartbeat(1.5)
+
+
 @pytest.mark.parametrize("argv, code", [(["config", "--preset", "mnist"], 0), (["train"], 2)])
 def test_the_command_exits_with_mains_status(argv, code):
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True, cwd=REPO)
