@@ -34,10 +34,11 @@ timeout 45 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 | t
 # variants, for choosing the preset's settings on the GPU
 timeout 75 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 --name mnist_fast.compiled --no-baseline \
   --set train.compile=true --set train.compile_mode=reduce-overhead | tee -a "$JSONL"
+# half the steps: on the 2-core CPU, 10 epochs at batch 512 gave 99.30% and 8 epochs at lr 0.015 99.20% (3 seeds)
 timeout 30 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 --name mnist_fast.e10_b512 --no-baseline \
-  --set train.epochs=10 --set train.batch_size=512 --set schedule.max_lr=8e-3 | tee -a "$JSONL"
-timeout 30 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 --name mnist_fast.e12 --no-baseline \
-  --set train.epochs=12 --set data.val_fraction=0.05 | tee -a "$JSONL"
+  --set train.epochs=10 --set train.batch_size=512 | tee -a "$JSONL"
+timeout 30 $PY benchmarks/mnist_fast.py --mnist-root "$MNIST_ROOT" --seeds 3 --name mnist_fast.e8_b512 --no-baseline \
+  --set train.batch_size=512 --set optim.lr=0.015 --set schedule.max_lr=0.015 | tee -a "$JSONL"
 
 step "csv_ingest --quick"
 timeout 45 $PY benchmarks/csv_ingest.py --quick | tee -a "$JSONL"
