@@ -114,6 +114,26 @@ def test_runs_on_the_embedded_server_send_no_heartbeats(prefect_harness, monkeyp
         assert not wait_for_a_heartbeat(1.5)
 
 
+@pytest.mark.parametrize("collector_on", [True, False])
+def test_the_flow_is_imported_then_its_objects_frozen_and_the_collector_left_as_it_was(collector_on, state_home):
+    import gc
+
+    from pipelines import cli
+    from pipelines.config import load_config
+
+    was = gc.isenabled()
+    (gc.enable if collector_on else gc.disable)()
+    try:
+        train_flow = cli._import_flow(load_config("mnist"))  # tracking: the state folder's SQLite file
+        assert gc.isenabled() is collector_on
+        assert gc.get_freeze_count() > 0
+        assert train_flow.name == "trainyard-train"
+        assert {"mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store"} <= set(sys.modules)
+    finally:
+        gc.unfreeze()
+        (gc.enable if was else gc.disable)()
+
+
 @pytest.mark.parametrize("argv, code", [(["config", "--preset", "mnist"], 0), (["train"], 2)])
 def test_the_command_exits_with_mains_status(argv, code):
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True, cwd=REPO)
