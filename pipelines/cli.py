@@ -114,33 +114,40 @@ def _load(args) -> TrainConfig:
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy tracking stores
 
 
-def _import_flow(cfg: TrainConfig):
-    """Import the flow, and the MLflow client its run needs, with the garbage collector paused.
+@contextlib.contextmanager
+def _collector_paused():
+    """Run the block with the garbage collector paused, then freeze what it made.
 
     Importing torch, torchmetrics, Prefect and MLflow makes millions of objects that live as
     long as the process; the collections they trigger on the way free nothing and took 1 to
     1.5 s of the imports' 5 to 6 s. Afterwards those objects are frozen (moved out of the
     collector's generations), so later collections in the run do not walk them either; the
-    few import-time cycles that become garbage stay in memory. MLflow's client (and its
-    database store, for a database tracking URI) is imported here rather than at the run's
-    first tracking call, so that with an embedded Prefect server it loads while the server
-    starts.
+    few import-time cycles that become garbage stay in memory. Garbage from before the block
+    is collected first (cheap at a command's start; in a longer-lived caller of main() it
+    keeps earlier garbage from being frozen).
     """
-    from pipelines.config import resolve_tracking_uri
-
     enabled = gc.isenabled()
+    gc.collect()
     gc.disable()
     try:
-        from pipelines.flow import train_flow
-
-        import mlflow.tracking  # noqa: F401
-
-        if resolve_tracking_uri(cfg).split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
-            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        yield
     finally:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def _import_flow(cfg: TrainConfig):
+    """The flow, with MLflow's client (and its database store, for a database tracking URI)
+    imported now rather than at the run's first tracking call: with an embedded Prefect
+    server, they load while the server starts."""
+    from pipelines.config import resolve_tracking_uri
+    from pipelines.flow import train_flow
+
+    import mlflow.tracking  # noqa: F401
+
+    if resolve_tracking_uri(cfg).split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     return train_flow
 
 
@@ -171,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Without PREFECT_API_URL, Prefect's embedded server is started now, and starts while
         # the flow's modules (torch, MLflow, torchmetrics) are imported below.
-        server = embedded_prefect.start_if_needed()
-        if server is not None:
-            atexit.register(server.stop)  # after Prefect's log and event workers have drained
-        train_flow = _import_flow(cfg)
+        with _collector_paused():
+            server = embedded_prefect.start_if_needed()
+            if server is not None:
+                atexit.register(server.stop)  # after Prefect's log and event workers have drained
+            train_flow = _import_flow(cfg)
 
         api = contextlib.nullcontext()
         if server is not None:

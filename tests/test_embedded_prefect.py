@@ -124,7 +124,9 @@ def test_the_flow_is_imported_then_its_objects_frozen_and_the_collector_left_as_
     was = gc.isenabled()
     (gc.enable if collector_on else gc.disable)()
     try:
-        train_flow = cli._import_flow(load_config("mnist"))  # tracking: the state folder's SQLite file
+        with cli._collector_paused():
+            assert not gc.isenabled()
+            train_flow = cli._import_flow(load_config("mnist"))  # tracking: the state folder's SQLite file
         assert gc.isenabled() is collector_on
         assert gc.get_freeze_count() > 0
         assert train_flow.name == "trainyard-train"
