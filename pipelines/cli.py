@@ -111,9 +111,6 @@ def _load(args) -> TrainConfig:
     return load_config(args.preset, args.config, args.overrides)
 
 
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy tracking stores
-
-
 @contextlib.contextmanager
 def _collector_paused():
     """Run the block with the garbage collector paused, then freeze what it made.
@@ -145,8 +142,9 @@ def _import_flow(cfg: TrainConfig):
     from pipelines.flow import train_flow
 
     import mlflow.tracking  # noqa: F401
+    from mlflow.store.db.db_types import DATABASE_ENGINES
 
-    if resolve_tracking_uri(cfg).split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
+    if resolve_tracking_uri(cfg).split(":", 1)[0].split("+", 1)[0] in DATABASE_ENGINES:
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     return train_flow
 
