@@ -136,12 +136,13 @@ def _collector_paused():
 
 def _import_flow(cfg: TrainConfig):
     """The flow, with MLflow's client (and its database store, for a database tracking URI)
-    imported now rather than at the run's first tracking call: with an embedded Prefect
-    server, they load while the server starts."""
+    and the evaluation's torchmetrics imported now rather than where the run first uses
+    them: with an embedded Prefect server, they load while the server starts."""
     from pipelines.config import resolve_tracking_uri
     from pipelines.flow import train_flow
 
     import mlflow.tracking  # noqa: F401
+    import torchmetrics.functional  # noqa: F401
     from mlflow.store.db.db_types import DATABASE_ENGINES
 
     if resolve_tracking_uri(cfg).split(":", 1)[0].split("+", 1)[0] in DATABASE_ENGINES:

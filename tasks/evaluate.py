@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchmetrics.functional as TMF
 
 from models import build_model
 from tasks.data import TensorSplit, make_loader
@@ -31,6 +30,8 @@ def metric_key_part(name: str) -> str:
 
 
 def classification_metrics(preds: torch.Tensor, targets: torch.Tensor, label_names: list[str]) -> dict[str, Any]:
+    import torchmetrics.functional as TMF  # here, not at the top: a train-only process (the GPU step) skips its 2 to 3 s
+
     k = len(label_names)
     preds, targets = preds.long(), targets.long()
     acc = TMF.accuracy(preds, targets, task="multiclass", num_classes=k, average="micro")
@@ -53,6 +54,8 @@ def classification_metrics(preds: torch.Tensor, targets: torch.Tensor, label_nam
 
 
 def regression_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    import torchmetrics.functional as TMF
+
     return {
         "metrics": {
             "test/mse": float(TMF.mean_squared_error(preds, targets)),

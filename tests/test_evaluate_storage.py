@@ -90,3 +90,16 @@ def test_open_store_by_uri(tmp_path):
     assert open_store(str(tmp_path / "s")).root == tmp_path / "s"
     with pytest.raises(DataError, match="unsupported scheme gs://"):
         open_store("gs://bucket/x")
+
+
+def test_the_gpu_train_step_does_not_import_the_evaluations_torchmetrics():
+    """torchmetrics (2 to 3 s of imports: torchvision, torch._dynamo, scipy.signal) is loaded where
+    metrics are computed; the train-step flow a GPU worker runs never computes them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, pipelines.remote; print(sorted(m for m in ('torchmetrics', 'scipy.signal') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == "[]"
