@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from pipelines import embedded_prefect
-from pipelines.config import PRESETS, ConfigError, TrainConfig, load_config
+from pipelines.config import PRESETS, ConfigError, TrainConfig, load_config, resolve_tracking_uri
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,7 +138,6 @@ def _import_flow(cfg: TrainConfig):
     """The flow, with MLflow's client (and its database store, for a database tracking URI)
     and the evaluation's torchmetrics imported now rather than where the run first uses
     them: with an embedded Prefect server, they load while the server starts."""
-    from pipelines.config import resolve_tracking_uri
     from pipelines.flow import train_flow
 
     import mlflow.tracking  # noqa: F401
