@@ -210,6 +210,22 @@ def init_store(tracking_uri: str) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment of a SQLite tracking file keeps its artifacts: `mlruns/` beside the file.
+
+    MLflow's own default for a database store is `./mlruns` in the working directory of
+    whichever process creates the experiment, so runs of one tracking file would scatter their
+    artifacts over the folders they were started from. A server (or another database) decides
+    for itself: None.
+    """
+    db = _sqlite_path(tracking_uri)
+    if not db:
+        return None
+    from pathlib import Path
+
+    return (Path(db).resolve().parent / "mlruns").as_uri()
+
+
 def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
     from mlflow.tracking import MlflowClient
 
@@ -217,7 +233,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str,
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         try:
-            experiment_id = client.create_experiment(experiment)
+            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location(tracking_uri))
         except Exception:  # another run created it meanwhile
             exp = client.get_experiment_by_name(experiment)
             if exp is None:

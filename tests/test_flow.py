@@ -29,10 +29,13 @@ def tb_events(folder: Path):
     return acc
 
 
-def test_csv_flow_lands_everywhere(toy_csv, state_home):
+def test_csv_flow_lands_everywhere(toy_csv, state_home, tmp_path, monkeypatch):
     from pipelines.flow import train_flow
 
     cfg = csv_config(toy_csv)
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # started from another folder than the state folder
     summary = train_flow(cfg)
     client = MlflowClient(summary["tracking_uri"])
     run = client.get_run(summary["mlflow_run_id"])
@@ -54,6 +57,8 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home):
     assert tags["prefect.flow_run_id"]
     assert tags["version.torch"].startswith("2.")
     # artifacts in MLflow
+    assert run.info.artifact_uri.startswith((state_home / "mlruns").as_uri() + "/")
+    assert not any(workdir.iterdir())  # nothing of the run lands where it was started from
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "schema.json", "evaluation", "plots"} <= names
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
