@@ -95,9 +95,37 @@ def _registry_command(args) -> int:
     return 0
 
 
+def _actionable_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what to fix (the data, the config, a service to start)."""
+    from tasks.errors import DataError, TrainingError
+    from tasks.lr_lambda import LambdaExpressionError
+    from tasks.storage import StorageError
+    from tasks.tracking import TrackingUnavailable
+
+    return (ConfigError, DataError, LambdaExpressionError, StorageError, TrackingUnavailable, TrainingError)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The console's format: a record of an error the user can act on keeps its message and
+    loses the traceback Prefect logs with it (about 60 lines of engine frames); the run's log in
+    the Prefect UI, written by Prefect's own handler, keeps the traceback."""
+
+    def __init__(self, fmt: str, actionable: tuple[type[BaseException], ...]):
+        super().__init__(fmt)
+        self.actionable = actionable
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.actionable):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return super().format(record)
+
+
 def configure_logging() -> None:
     """Our INFO lines on stderr (stdout stays clean for --json); other libraries at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ConsoleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", _actionable_errors()))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("trainyard").setLevel(logging.INFO)
     # The embedded Prefect server's usage telemetry is noise here (and races on its SQLite file).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
