@@ -145,6 +145,37 @@ def checkpoint_prefix(run_id: str) -> str:
     return f"checkpoints/{run_id}"
 
 
+def publish_checkpoint(store: ArtifactStore, run_id: str, files: dict[str, Path]) -> None:
+    """Upload a run's checkpoints (role -> file: `last`, to resume, and `best`, the weights kept so
+    far) to a shared store as one unit, without ever losing the previous unit.
+
+    An S3 upload replaces the object at its key, so each upload goes under new names and the
+    unit's manifest, written last, switches to them; only then are the previous objects
+    deleted. An upload or manifest that fails leaves the previous unit whole.
+    """
+    import uuid
+
+    prefix = checkpoint_prefix(run_id)
+    previous = store.read_manifest(prefix) or {}
+    token = uuid.uuid4().hex[:12]
+    named = {f"{role}-{token}.pt": str(path) for role, path in files.items() if Path(path).is_file()}
+    store.publish(prefix, named)
+    store.discard(prefix, [old for old in previous if old not in named])
+
+
+def fetch_checkpoint(store: ArtifactStore, run_id: str, folder: Path) -> bool:
+    """Copy the run's shared checkpoints (the ones its manifest names) into `folder` as
+    `last.pt` and `best.pt`; False when the store holds none."""
+    prefix = checkpoint_prefix(run_id)
+    manifest = store.read_manifest(prefix)
+    if not manifest:
+        return False
+    for name in manifest:
+        role = name.split("-", 1)[0].removesuffix(".pt")
+        store.fetch(f"{prefix}/{name}", folder / f"{role}.pt")
+    return True
+
+
 def train(
     cfg: TrainConfig, dataset_path: str, tracking_uri: str, run_id: str, run_dir: str, tb_dir: str, storage_uri: str = ""
 ) -> dict[str, Any]:
@@ -158,8 +189,8 @@ def train(
     last = ckpt_dir / "last.pt"
     store = store_for(cfg, storage_uri) if storage_uri else None
     shared = store is not None and store.remote
-    if not last.is_file() and shared and store.read_manifest(checkpoint_prefix(run_id)) is not None:
-        store.fetch(f"{checkpoint_prefix(run_id)}/last.pt", last)
+    if not last.is_file() and shared:  # started on another worker: its checkpoints are in the store
+        fetch_checkpoint(store, run_id, ckpt_dir)
     resume_from = last if last.is_file() else None
     if resume_from is not None:
         epoch = int(load_weights(resume_from)["epoch"])
@@ -168,7 +199,7 @@ def train(
 
     def upload(path: Path) -> None:
         if shared:
-            store.publish(checkpoint_prefix(run_id), {"last.pt": str(path)})
+            publish_checkpoint(store, run_id, {"last": path, "best": path.with_name("best.pt")})
 
     with _trackers(cfg, tracking_uri, run_id, tb_dir) as tracker:
         if cfg.tracking.tensorboard and resume_from is None:

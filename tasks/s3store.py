@@ -185,6 +185,11 @@ class S3Store:
             except Exception:  # the endpoint may be down; the missing manifest marks the unit incomplete
                 pass
 
+    def discard(self, prefix: str, names: list[str]) -> None:
+        """Delete objects of a unit that its manifest no longer names (best effort: an object
+        left over is unreferenced, never read)."""
+        self._delete_quietly([self.key(f"{prefix}/{name}") for name in names])
+
     def remove(self, prefix: str) -> None:
         """Withdraw a published unit: the manifest first, so it never looks complete meanwhile."""
         base = self.key(prefix) + "/"

@@ -51,6 +51,12 @@ class ArtifactStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def read_manifest(self, prefix: str) -> dict[str, dict[str, str]] | None:
+        """The unit's manifest (name -> {uri, sha256}), or None when no complete unit is there."""
+
+    def discard(self, prefix: str, names: list[str]) -> None:
+        """Delete files of a unit that its manifest no longer names."""
+
 
 class LocalStore:
     def __init__(self, root: str | os.PathLike):
@@ -111,6 +117,11 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             (folder / MANIFEST).unlink()
         shutil.rmtree(folder, ignore_errors=True)
+
+    def discard(self, prefix: str, names: list[str]) -> None:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                self._path(f"{prefix}/{name}").unlink()
 
     def read_manifest(self, prefix: str) -> dict[str, dict[str, str]] | None:
         path = self._path(f"{prefix}/{MANIFEST}")

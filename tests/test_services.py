@@ -176,6 +176,95 @@ def test_corrupted_object_is_refused_and_not_used(s3, tmp_path):
     assert not (tmp_path / "bad.bin").exists() and not list(tmp_path.glob(".bad.bin*"))
 
 
+def test_a_failed_checkpoint_upload_keeps_the_previous_checkpoint(s3, tmp_path, monkeypatch):
+    from pipelines.steps import checkpoint_prefix, fetch_checkpoint, publish_checkpoint
+    from tasks.s3store import S3Store
+
+    store = S3Store(BUCKET, "ckpt", endpoint_url=s3.url)
+    run_id = uuid.uuid4().hex
+    assert fetch_checkpoint(store, run_id, tmp_path) is False
+
+    def checkpoints(epoch: int) -> dict:
+        folder = tmp_path / f"epoch{epoch}"
+        folder.mkdir()
+        for role in ("last", "best"):
+            (folder / f"{role}.pt").write_bytes(f"{role} weights of epoch {epoch}".encode())
+        return {role: folder / f"{role}.pt" for role in ("last", "best")}
+
+    def fetched() -> dict:
+        folder = tmp_path / uuid.uuid4().hex
+        folder.mkdir()
+        assert fetch_checkpoint(store, run_id, folder)
+        return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    publish_checkpoint(store, run_id, checkpoints(1))
+    assert fetched() == {"last.pt": b"last weights of epoch 1", "best.pt": b"best weights of epoch 1"}
+
+    upload = S3Store._upload
+
+    def manifest_fails(self, src, key, sha):
+        if key.endswith("/manifest.json"):
+            raise StorageError(f"S3 upload failed for {key}: endpoint gone")
+        upload(self, src, key, sha)
+
+    monkeypatch.setattr(S3Store, "_upload", manifest_fails)
+    second = checkpoints(2)
+    with pytest.raises(StorageError, match="endpoint gone"):
+        publish_checkpoint(store, run_id, second)
+    monkeypatch.setattr(S3Store, "_upload", upload)
+    # the run can still resume from epoch 1, on this worker or another
+    assert fetched() == {"last.pt": b"last weights of epoch 1", "best.pt": b"best weights of epoch 1"}
+
+    publish_checkpoint(store, run_id, second)
+    assert fetched() == {"last.pt": b"last weights of epoch 2", "best.pt": b"best weights of epoch 2"}
+    listed = s3_client(s3).list_objects_v2(Bucket=BUCKET, Prefix=f"ckpt/{checkpoint_prefix(run_id)}/")["Contents"]
+    assert len(listed) == 3  # the newest two checkpoints and their manifest: superseded ones are deleted
+
+
+def test_a_retry_on_another_worker_resumes_from_the_shared_checkpoint(toy_csv, s3, state_home, monkeypatch):
+    """The worker is lost after epoch 2 with its local run folder; the retry finds the checkpoint in S3."""
+    import shutil
+
+    import pipelines.steps as steps
+    from pipelines.flow import train_flow
+
+    cfg = load_config("csv", overrides=[
+        f"data.path={toy_csv}", "data.target=label", "data.drop=[id]", "train.epochs=4", "train.batch_size=16",
+        f"storage.uri=s3://{BUCKET}/retry", f"storage.endpoint_url={s3.url}", "storage.max_attempts=2",
+    ])  # fmt: skip
+    real, calls = steps.train_model, []
+
+    def lose_the_worker_once(*args, **kwargs):
+        calls.append(kwargs.get("resume_from"))
+        if len(calls) == 1:
+            inner = kwargs["on_epoch"]
+
+            def on_epoch(epoch, metrics):
+                inner(epoch, metrics)
+                if epoch == 2:
+                    for folder in state_home.glob("runs/*/checkpoints"):
+                        shutil.rmtree(folder)
+                    raise RuntimeError("worker lost")
+
+            kwargs["on_epoch"] = on_epoch
+        return real(*args, **kwargs)
+
+    fetch, fetched = steps.fetch_checkpoint, []
+
+    def recording_fetch(store, run_id, folder):
+        found = fetch(store, run_id, folder)
+        fetched.append(sorted(p.name for p in folder.iterdir()) if found else None)
+        return found
+
+    monkeypatch.setattr(steps, "train_model", lose_the_worker_once)
+    monkeypatch.setattr(steps, "fetch_checkpoint", recording_fetch)
+    summary = train_flow.with_options(retries=1, retry_delay_seconds=0)(cfg)
+    assert calls[0] is None and calls[1] is not None
+    assert fetched == [None, ["best.pt", "last.pt"]]  # the retry took both from S3: the weights kept so far too
+    run = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["train.resumed_from_epoch"] == "2"
+
+
 def _stop_after_evaluate(monkeypatch, s3, restart_after: float | None):
     """Stop the S3 endpoint right after evaluation, i.e. just before the artifacts are stored."""
     import pipelines.flow as F
