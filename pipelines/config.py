@@ -42,6 +42,33 @@ def _no_credentials(v: str, where: str, env_hint: str) -> str:
     return v
 
 
+def _file_uri(v: str, where: str) -> str:
+    """A file:// URI names an absolute path: file:///srv/data. In file://srv/data, `srv` is a host."""
+    if v.startswith("file://"):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ValueError(
+                f"{where} {v!r}: a file:// URI takes an absolute path after three slashes (file:///srv/data); "
+                f"{parts.netloc!r} would be read as a host name. For a relative path drop the file:// prefix"
+            )
+    return v
+
+
+def _column_names(v: Any) -> Any:
+    """Column names given as YAML numbers (`--set data.target=1`, `features: [2019]`) mean those names."""
+    def name(x: Any) -> Any:
+        if isinstance(x, bool):  # YAML reads yes/no/on/off/true/false as booleans
+            raise ValueError(
+                f"got the boolean {x} (YAML reads yes/no/on/off/true/false so); "
+                "quote a column named so, e.g. --set data.target='\"yes\"'"
+            )
+        return str(x) if isinstance(x, (int, float)) else x
+
+    return [name(x) for x in v] if isinstance(v, list) else name(v)
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run: the message says which key and what was expected."""
 
@@ -106,6 +133,19 @@ class DataConfig(Section):
     def _local_path(cls, v: str) -> str:
         if "://" in v and not v.startswith("file://"):
             raise ValueError(f"scheme {v.split('://', 1)[0]}:// is not supported; expected a local path or a file:// URI")
+        return _file_uri(v, "data.path")
+
+    @field_validator("target", "features", "drop", "categorical", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        return _column_names(v)
+
+    @field_validator("features", "drop", "categorical")
+    @classmethod
+    def _once_each(cls, v: list[str], info) -> list[str]:
+        repeated = sorted({x for x in v if v.count(x) > 1})
+        if repeated:
+            raise ValueError(f"data.{info.field_name} names {', '.join(map(repr, repeated))} more than once; list each column once")
         return v
 
 
@@ -297,7 +337,7 @@ class StorageConfig(Section):
             raise ValueError(f"expected file:///path, a local folder or s3://bucket/prefix, got {v!r}")
         if v.startswith("s3:") and not v.startswith("s3://"):  # a typo, not a local folder named "s3:"
             raise ValueError("starts with 's3:' but not 's3://'; expected s3://bucket/prefix")
-        v = _no_credentials(v, "storage.uri", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        v = _no_credentials(_file_uri(v, "storage.uri"), "storage.uri", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
         if v.startswith("s3://"):
             from tasks.s3store import parse_s3_uri  # light: no boto3, no torch
             from tasks.storage import StorageError
@@ -311,6 +351,8 @@ class StorageConfig(Section):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint_without_secrets(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL (e.g. http://minio:9000), got {v!r}")
         return _no_credentials(v, "storage.endpoint_url", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
 
 

@@ -127,3 +127,29 @@ def test_credentials_in_uris_are_refused_without_echoing_them(override):
     with pytest.raises(ConfigError) as err:
         load_config("mnist", overrides=[override])
     assert "must not hold credentials" in str(err.value) and "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("storage.uri=file://artifacts", r"storage.uri 'file://artifacts': a file:// URI takes an absolute path .* 'artifacts' would be read as a host"),
+        ("storage.uri=file://srv/runs", r"'srv' would be read as a host name"),
+        ("data.path=file://data/houses.csv", r"data.path 'file://data/houses.csv': a file:// URI takes an absolute path"),
+        ("storage.endpoint_url=localhost:9000", r"storage.endpoint_url: .*expected an http:// or https:// URL .*'localhost:9000'"),
+        ("data.features=[x1, x2, x1]", r"data.features names 'x1' more than once"),
+        ("data.drop=[id, id]", r"data.drop names 'id' more than once"),
+        ("data.target=yes", r"data.target: .*the boolean True .*quote a column named so"),
+    ],
+)
+def test_uris_endpoints_and_column_lists_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("csv", overrides=["data.path=/data/houses.csv", "data.target=price", override])
+
+
+def test_file_uris_and_numeric_column_names_that_are_fine():
+    cfg = load_config("csv", overrides=[
+        "data.path=file:///data/houses.csv", "data.target=1", "data.features=[2019, x]",
+        "storage.uri=file://localhost/srv/runs", "storage.endpoint_url=http://minio:9000",
+    ])  # fmt: skip
+    assert cfg.data.target == "1" and cfg.data.features == ["2019", "x"]  # YAML numbers mean those column names
+    assert cfg.storage.uri == "file://localhost/srv/runs"
