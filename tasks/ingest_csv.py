@@ -598,11 +598,19 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
     y_missing = y_col.isna().to_numpy()
     if y_missing.all():
         raise DataError(f"CSV file {path}: target column {target!r} has no values at all (every row is missing); expected the values to predict")
-    y_numeric = None if pd.api.types.is_bool_dtype(y_col) else _numeric_or_error(path, target, y_col)
+    # Labels are text when the column holds text (or booleans), and also when it mixes numbers with a
+    # few words and the config says it is a class column (data.task classification, or the target
+    # listed in data.categorical); otherwise a word among numbers is an error in a numeric target.
+    text_labels = pd.api.types.is_bool_dtype(y_col) or (
+        (data_cfg.task == "classification" or target in data_cfg.categorical) and not pd.api.types.is_numeric_dtype(y_col)
+    )
+    y_numeric = None if text_labels else _numeric_or_error(path, target, y_col)
     y_ints = _countable_integers(y_col)  # integer labels are counted, not hashed or sorted
     task = data_cfg.task
     if task == "auto":
-        if y_numeric is None:
+        if target in data_cfg.categorical:
+            task, reason = "classification", "the target is listed in data.categorical"
+        elif y_numeric is None:
             task, reason = "classification", "the target holds text or booleans"
         else:
             if y_ints is not None:
@@ -617,6 +625,13 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
                 task, reason = "regression", "the target holds real numbers"
     else:
         reason = "set in data.task"
+    if task == "regression" and target in data_cfg.categorical:
+        raise DataError(f"CSV file {path}: target {target!r} is listed in data.categorical but data.task is regression; expected one or the other")
+    if task == "regression" and pd.api.types.is_bool_dtype(y_col):
+        raise DataError(
+            f"CSV file {path}: target {target!r} holds booleans (true/false); regression needs numbers "
+            "(set data.task to classification or auto)"
+        )
     if task == "regression" and y_numeric is None:
         bad = y_col.notna().to_numpy() & pd.to_numeric(y_col, errors="coerce").isna().to_numpy()
         i = _first_true(bad)

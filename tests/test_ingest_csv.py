@@ -340,3 +340,35 @@ def test_split_indices_are_unchanged():
     plain = split_indices(20, 0.2, 0.25, 7)
     assert [s.tolist() for s in plain] == [[0, 2, 4, 5, 6, 7, 9, 11, 17, 18, 19], [3, 8, 12, 13], [1, 10, 14, 15, 16]]
     assert all(s.dtype == np.int64 for s in (*stratified, *plain))
+
+
+def mixed_labels(n: int = 60) -> pd.DataFrame:
+    """Class labels that are mostly numbers, with one word among them."""
+    labels = [str(i % 3) for i in range(n)]
+    labels[5] = "other"
+    return pd.DataFrame({"x": np.random.default_rng(0).normal(size=n), "label": labels})
+
+
+@pytest.mark.parametrize("setting", [{"task": "classification"}, {"categorical": ["label"]}])
+def test_class_labels_mixing_numbers_and_words_are_text_when_the_config_says_classes(tmp_path, state_home, setting):
+    prepared = load_prepared(ingest(cfg(write(tmp_path, mixed_labels()), **setting), state_home)["path"])
+    assert prepared.schema["task"] == "classification"
+    assert prepared.schema["label_names"] == ["0", "1", "2", "other"]
+
+
+def test_a_word_among_numeric_targets_is_an_error_otherwise(tmp_path, state_home):
+    expect(tmp_path, state_home, cfg(write(tmp_path, mixed_labels())), "column 'label' holds numbers but row 6 (line 7) has 'other'", "data.categorical")
+
+
+def test_a_float_target_listed_as_categorical_is_classes(tmp_path, state_home):
+    df = pd.DataFrame({"x": np.arange(40.0), "label": [0.5, 1.5] * 20})
+    prepared = load_prepared(ingest(cfg(write(tmp_path, df), categorical=["label"]), state_home)["path"])
+    assert prepared.schema["task"] == "classification" and prepared.schema["label_names"] == ["0.5", "1.5"]
+
+
+def test_regression_on_booleans_or_on_a_categorical_target_is_refused(tmp_path, state_home):
+    df = pd.DataFrame({"x": np.arange(40.0), "label": [True, False] * 20})
+    expect(tmp_path, state_home, cfg(write(tmp_path, df), task="regression"), "target 'label' holds booleans", "regression needs numbers")
+    df = pd.DataFrame({"x": np.arange(40.0), "label": np.arange(40.0)})
+    expect(tmp_path, state_home, cfg(write(tmp_path, df, "cat.csv"), task="regression", categorical=["label"]),
+           "listed in data.categorical but data.task is regression")  # fmt: skip
