@@ -125,6 +125,8 @@ def read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     y = read_idx(labels, 1)
     if x.shape[0] != y.shape[0]:
         raise DataError(f"MNIST files {images} and {labels} disagree: {x.shape[0]} images but {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise DataError(f"MNIST file {images} holds no images (its header says 0); expected at least one")
     if x.shape[1:] != (28, 28):
         raise DataError(f"MNIST file {images}: images are {x.shape[1]}x{x.shape[2]}, expected 28x28")
     if y.size and y.max() > 9:

@@ -99,6 +99,14 @@ def test_truncated_gzip(tmp_path, state_home):
         ingest(DataConfig(root=str(root)), state_home)
 
 
+def test_test_files_with_no_images_are_refused(tmp_path, state_home):
+    root = write_mnist(tmp_path / "empty")
+    write_idx(root / "t10k-images-idx3-ubyte.gz", np.zeros((0, 28, 28), dtype=np.uint8), gz=True)
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", np.zeros(0, dtype=np.uint8), gz=True)
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz holds no images \(its header says 0\)"):
+        ingest(DataConfig(root=str(root)), state_home)
+
+
 def test_images_and_labels_disagree(tmp_path, state_home):
     root = write_mnist(tmp_path / "n")
     write_idx(root / "t10k-labels-idx1-ubyte.gz", np.zeros(7, dtype=np.uint8), gz=True)
