@@ -141,11 +141,20 @@ def _read_whole(path: Path) -> pa.Table:
     """The whole file in one read, opened as pandas opens it (a compressed file is decompressed)."""
     from pandas.io.common import get_handle
 
-    try:
+    def read(parse: pacsv.ParseOptions | None = None) -> pa.Table:
         with get_handle(str(path), "rb", compression="infer", is_text=False) as handles:
-            table = pacsv.read_csv(handles.handle, convert_options=_convert_options())
+            table = pacsv.read_csv(handles.handle, parse_options=parse, convert_options=_convert_options())
         table.column_names  # noqa: B018 - a header that is not UTF-8 fails here
         return table
+
+    try:
+        try:
+            return read()
+        except pa.ArrowInvalid:
+            # A quoted value spanning lines (valid CSV) across one of pyarrow's 1 MiB blocks fails
+            # a plain read: read again with quote-aware block cuts (slower, so only after a failure;
+            # a file that is really broken fails again, with the same message).
+            return read(pacsv.ParseOptions(newlines_in_values=True))
     except Exception as exc:  # noqa: BLE001 - whatever the reader or decompressor raises is the file's fault
         raise _read_error(path, exc) from None
 

@@ -372,3 +372,16 @@ def test_regression_on_booleans_or_on_a_categorical_target_is_refused(tmp_path, 
     df = pd.DataFrame({"x": np.arange(40.0), "label": np.arange(40.0)})
     expect(tmp_path, state_home, cfg(write(tmp_path, df, "cat.csv"), task="regression", categorical=["label"]),
            "listed in data.categorical but data.task is regression")  # fmt: skip
+
+
+def test_quoted_newlines_in_a_file_larger_than_a_parser_block(tmp_path, state_home):
+    """Values spanning lines inside quotes (valid CSV) in a file of several of pyarrow's 1 MiB blocks."""
+    n = 60_000
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"x": rng.normal(size=n), "note": [f"line one\nline two {i % 5}" for i in range(n)], "label": rng.integers(0, 2, n)})
+    path = write(tmp_path, df)
+    assert path.stat().st_size > 2 * (1 << 20)
+    prepared = load_prepared(ingest(cfg(path), state_home)["path"])
+    note = prepared.schema["features"][1]
+    assert note["name"] == "note" and note["vocabulary"] == [f"line one\nline two {k}" for k in range(5)]
+    assert sum(t.shape[0] for name, t in prepared.tensors.items() if name.startswith("y_")) == n
