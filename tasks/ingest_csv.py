@@ -15,7 +15,9 @@ multiple of the tensors' size.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import logging
 import os
 import re
@@ -62,10 +64,28 @@ def local_path(path_or_uri: str) -> Path:
     return Path(path_or_uri)
 
 
+@contextlib.contextmanager
+def _decompressed(path: Path, text: bool = False):
+    """The file's bytes (or its text, undecodable bytes replaced) as the reader sees them: a
+    compressed file (.gz, .bz2, .zip, .xz, .zst) decompressed, so the checks below report names,
+    lines and byte offsets of the CSV itself."""
+    from pandas.io.common import get_handle
+
+    with get_handle(str(path), "rb", compression="infer", is_text=False) as handles:
+        if not text:
+            yield handles.handle
+            return
+        wrapper = io.TextIOWrapper(handles.handle, encoding="utf-8", errors="replace", newline="")
+        try:
+            yield wrapper
+        finally:
+            wrapper.detach()
+
+
 def _utf8_error(path: Path, detail: str = "") -> DataError:
     """Where the first byte that is not UTF-8 sits (offset and line), found by decoding the file in chunks."""
     offset, line, pending = 0, 1, b""
-    with open(path, "rb") as f:
+    with _decompressed(path) as f:
         while True:
             chunk = f.read(1 << 20)
             data = pending + chunk
@@ -91,7 +111,7 @@ def _utf8_error(path: Path, detail: str = "") -> DataError:
 
 def _header(path: Path) -> list[str]:
     """The header's column names as written (pandas renames duplicates to `a.1`, so they are read here)."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with _decompressed(path, text=True) as f:
         names = next(csv.reader(f), [])
     if names and names[0].startswith("\ufeff"):
         names[0] = names[0][1:]
@@ -100,7 +120,7 @@ def _header(path: Path) -> list[str]:
 
 def _ragged_line(path: Path, n_fields: int) -> tuple[int, int] | None:
     """(line, fields) of the first record whose field count differs from the header's."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with _decompressed(path, text=True) as f:
         reader = csv.reader(f)
         next(reader, None)
         for record in reader:

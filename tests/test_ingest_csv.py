@@ -385,3 +385,20 @@ def test_quoted_newlines_in_a_file_larger_than_a_parser_block(tmp_path, state_ho
     note = prepared.schema["features"][1]
     assert note["name"] == "note" and note["vocabulary"] == [f"line one\nline two {k}" for k in range(5)]
     assert sum(t.shape[0] for name, t in prepared.tensors.items() if name.startswith("y_")) == n
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        (b"x,x,label\n" + b"".join(b"%d,%d,%d\n" % (i, i, i % 2) for i in range(40)), ["duplicate column names ['x'] in the header (line 1)"]),
+        (b"x,label\n" + b"".join(b"5\n" if i == 20 else b"%d,%d\n" % (i, i % 2) for i in range(40)), ["line 22 has 1 fields, expected 2"]),
+        (b"x,label\n" + b"".join(b"caf\xe9,1\n" if i == 12 else b"%d,%d\n" % (i, i % 2) for i in range(40)), ["byte 0xe9 at byte offset", "line 14"]),
+    ],
+    ids=["duplicate-header", "ragged-row", "not-utf8"],
+)
+def test_a_gzipped_csv_gets_the_checks_and_positions_of_a_plain_one(tmp_path, state_home, text, fragments):
+    path = tmp_path / "data.csv.gz"
+    path.write_bytes(gzip.compress(text))
+    expect(tmp_path, state_home, cfg(path), *fragments)
+    (tmp_path / "plain.csv").write_bytes(text)  # the same messages as for the file uncompressed
+    expect(tmp_path, state_home, cfg(tmp_path / "plain.csv"), *fragments)
