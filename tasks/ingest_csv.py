@@ -436,8 +436,23 @@ def _read(path: Path, data_cfg) -> _Columns:
 # ---- checks ---------------------------------------------------------------------------------------
 
 
-def _row(i: int) -> str:
-    return f"row {i + 1} (line {i + 2})"
+def _row(path: Path, i: int) -> str:
+    """Data row i (0-based) and the file line it starts on: found by reading the file as CSV, so
+    blank lines (skipped by the reader) and quoted values spanning lines are counted right."""
+    line = i + 2
+    with _decompressed(path, text=True) as f:
+        reader = csv.reader(f)
+        next(reader, None)  # the header
+        row = -1
+        while row < i:
+            start = reader.line_num + 1
+            record = next(reader, None)
+            if record is None:
+                break
+            if record:  # a blank line is no row
+                row += 1
+                line = start
+    return f"row {i + 1} (line {line})"
 
 
 def _first_true(mask: np.ndarray) -> int:
@@ -461,7 +476,7 @@ def _numeric_or_error(path: Path, name: str, col: pd.Series) -> np.ndarray | Non
     if n_present and bad.sum() <= n_present // 2 and bad.any():
         i = _first_true(bad)
         raise DataError(
-            f"CSV file {path}: column {name!r} holds numbers but {_row(i)} has {col.iloc[i]!r}; "
+            f"CSV file {path}: column {name!r} holds numbers but {_row(path, i)} has {col.iloc[i]!r}; "
             f"expected a number (or list the column in data.categorical)"
         )
     return None if bad.any() else coerced
@@ -471,7 +486,7 @@ def _finite_or_error(path: Path, name: str, values: np.ndarray) -> None:
     bad = np.isinf(values)
     if bad.any():
         i = _first_true(bad)
-        raise DataError(f"CSV file {path}: column {name!r} has an infinite value (or one beyond float64's range) at {_row(i)}; expected a finite number")
+        raise DataError(f"CSV file {path}: column {name!r} has an infinite value (or one beyond float64's range) at {_row(path, i)}; expected a finite number")
 
 
 def _no_integers_beyond_int64(path: Path, name: str, values: np.ndarray) -> None:
@@ -486,7 +501,7 @@ def _no_integers_beyond_int64(path: Path, name: str, values: np.ndarray) -> None
         token = text.iloc[i]
         if isinstance(token, str) and integer.fullmatch(token):
             raise DataError(
-                f"CSV file {path}: column {name!r} has the integer {token.strip()} at {_row(i)}, beyond the 64-bit "
+                f"CSV file {path}: column {name!r} has the integer {token.strip()} at {_row(path, i)}, beyond the 64-bit "
                 f"range; expected integers between -2**63 and 2**63-1 (drop the column with data.drop if it is an id)"
             )
 
@@ -494,7 +509,7 @@ def _no_integers_beyond_int64(path: Path, name: str, values: np.ndarray) -> None
 def _missing_error(path: Path, name: str, mask: np.ndarray) -> DataError:
     i = _first_true(mask)
     return DataError(
-        f"CSV file {path}: column {name!r} has a missing value at {_row(i)} and data.missing is 'error'; "
+        f"CSV file {path}: column {name!r} has a missing value at {_row(path, i)} and data.missing is 'error'; "
         f"fill it in, or set data.missing to impute or drop"
     )
 
@@ -664,7 +679,7 @@ def build_csv(data_cfg, path: Path, content_hash: str) -> Prepared:
     if task == "regression" and y_numeric is None:
         bad = y_col.notna().to_numpy() & pd.to_numeric(y_col, errors="coerce").isna().to_numpy()
         i = _first_true(bad)
-        raise DataError(f"CSV file {path}: target {target!r} has {y_col.iloc[i]!r} at {_row(i)}; regression needs numbers")
+        raise DataError(f"CSV file {path}: target {target!r} has {y_col.iloc[i]!r} at {_row(path, i)}; regression needs numbers")
     log.info("task type: %s (%s)", task, reason)
 
     # ---- missing values ----

@@ -402,3 +402,12 @@ def test_a_gzipped_csv_gets_the_checks_and_positions_of_a_plain_one(tmp_path, st
     expect(tmp_path, state_home, cfg(path), *fragments)
     (tmp_path / "plain.csv").write_bytes(text)  # the same messages as for the file uncompressed
     expect(tmp_path, state_home, cfg(tmp_path / "plain.csv"), *fragments)
+
+
+def test_line_numbers_count_blank_lines_and_quoted_values_spanning_lines(tmp_path, state_home):
+    rows = [f"{i},n,{i % 2}\n" for i in range(40)]
+    rows[2] = '2,"a\nb\nc",0\n'  # one row on three lines
+    rows[6] = "abc,n,0\n"  # row 7, on line 1 (header) + 2 blank + 6 rows before it, 2 of them extra lines: line 12
+    path = tmp_path / "data.csv"
+    path.write_text("x,note,label\n\n\n" + "".join(rows))
+    expect(tmp_path, state_home, cfg(path), "column 'x' holds numbers but row 7 (line 12) has 'abc'")
