@@ -102,7 +102,7 @@ def train_flow(
         stored = store_task(cfg, dataset["path"], result["checkpoint"], evaluation, run_id, storage_uri, str(run_dir), str(tb_dir))
         published = publish_task(
             cfg, dataset["path"], result["checkpoint"], evaluation, stored, tracking_uri, run_id, str(run_dir), str(tb_dir),
-            dataset["content_hash"],
+            dataset["key"],
         )  # fmt: skip
     except BaseException:
         try:

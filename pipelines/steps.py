@@ -303,7 +303,7 @@ def publish(
     run_id: str,
     run_dir: str,
     tb_dir: str,
-    data_hash: str,
+    data_key: str,
 ) -> dict[str, Any]:
     """Test metrics and reports to MLflow and TensorBoard; the model to MLflow's registry, then the champion decision."""
     import numpy as np
@@ -341,7 +341,7 @@ def publish(
         model_name = cfg.tracking.model_name()
         info = tracking.log_torch_model(tracking_uri, run_id, model, example, reqs, registered_model_name=model_name)
         out["mlflow_model"] = info["model_uri"]
-        decision = champion.decide(tracking_uri, model_name, info["version"], run_id, metric, higher, metrics[metric], data_hash)
+        decision = champion.decide(tracking_uri, model_name, info["version"], run_id, metric, higher, metrics[metric], data_key)
         log.info("registry: %s v%s %s (%s)", model_name, decision.version, "promoted to champion" if decision.promoted else "stays challenger", decision.reason)
         out["champion"] = decision.to_dict()
     return out

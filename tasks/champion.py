@@ -2,9 +2,11 @@
 `champion` when it beats the current champion on the same data.
 
 Promotion rule: the new version becomes `champion` when there is no champion yet, or
-when its test metric beats the champion's and both were measured on the same dataset
-hash. A champion trained on other data is not compared automatically (the figures
-would not mean the same thing): promote by hand with `trainyard promote`.
+when its test metric beats the champion's and both were measured on the same prepared
+dataset: the same data (content hash) shaped by the same data config (target, features,
+split), i.e. the same dataset key, so both were scored on the same test rows. A champion
+measured on other data, or predicting another column, is not compared automatically (the
+figures would not mean the same thing): promote by hand with `trainyard promote`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def champion_metric(task: str, configured: str) -> tuple[str, bool]:
-    """(metric key, higher is better) for the task; `auto` picks accuracy or MSE."""
+    """(metric key, higher is better) for the task; `auto` picks accuracy or MSE.
+
+    Keys are `test/<metric>` or, per class, `test/<metric>/<class>`: the metric is the part
+    after `test/` (a class may be named anything, `mse` included)."""
     name = configured if configured != "auto" else ("test/accuracy" if task == "classification" else "test/mse")
-    leaf = name.rsplit("/", 1)[-1]
-    return name, any(leaf.startswith(h) for h in HIGHER_IS_BETTER)
+    parts = name.split("/")
+    metric = parts[1] if len(parts) > 1 else parts[0]
+    return name, any(metric.startswith(h) for h in HIGHER_IS_BETTER)
 
 
 @dataclass
@@ -54,7 +60,7 @@ def current_champion(tracking_uri: str, model_name: str):
 
 
 def decide(
-    tracking_uri: str, model_name: str, version: str, run_id: str, metric: str, higher: bool, new_value: float, data_hash: str
+    tracking_uri: str, model_name: str, version: str, run_id: str, metric: str, higher: bool, new_value: float, data_key: str
 ) -> Decision:
     client = _client(tracking_uri)
     client.set_registered_model_alias(model_name, CHALLENGER, version)
@@ -66,11 +72,11 @@ def decide(
         champ_run = client.get_run(champ.run_id)
         decision.champion_version = str(champ.version)
         decision.champion_value = champ_run.data.metrics.get(metric)
-        champ_hash = champ_run.data.tags.get("data.hash", "")
-        if champ_hash != data_hash:
+        champ_key = champ_run.data.tags.get("data.key", "")
+        if champ_key != data_key:
             decision.reason = (
-                f"champion v{champ.version} was trained on other data ({champ_hash[:12] or 'unknown'} vs {data_hash[:12]}); "
-                "not compared, promote by hand if wanted"
+                f"champion v{champ.version} was measured on another dataset (other data or data config: target, "
+                f"features, split; key {champ_key[:12] or 'unknown'} vs {data_key[:12]}); not compared, promote by hand if wanted"
             )
         elif decision.champion_value is None:
             decision.reason = f"champion v{champ.version} has no {metric}; not compared"
