@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import TrainConfig
+from pipelines.config import ConfigError, TrainConfig
 from tasks import champion, tracking
 from tasks.evaluate import evaluate_model
 from tasks.ingest import ingest
@@ -214,21 +214,35 @@ def train(
 
 def find_resumable(cfg: TrainConfig, tracking_uri: str, resume: str = "", flow_run_id: str = "") -> str:
     """The MLflow run this flow run continues, or '': `resume` (a run id), else an unfinished run with
-    the configured run name, else an unfinished run of this Prefect flow run (a flow retry)."""
+    the configured run name and the same config, else an unfinished run of this Prefect flow run
+    (a flow retry). A run is continued only with the config it was started with (its `config.hash`
+    tag): its params and checkpoint belong to that config."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    wanted = config_hash(cfg)
+
+    def same_config(run) -> bool:
+        started_with = run.data.tags.get("config.hash", "")
+        return not started_with or started_with == wanted  # runs from before the tag: as before
+
     if resume:
         try:
             run = client.get_run(resume)
         except MlflowException:
-            raise ValueError(f"--resume {resume}: no such MLflow run at {tracking_uri}") from None
+            raise ConfigError(f"--resume {resume}: no such MLflow run at {tracking_uri}") from None
         if exp is None or run.info.experiment_id != exp.experiment_id:
-            raise ValueError(f"--resume {resume}: that run is not in experiment {cfg.tracking.experiment!r}")
+            raise ConfigError(f"--resume {resume}: that run is not in experiment {cfg.tracking.experiment!r}")
         if run.info.status == "FINISHED":
-            raise ValueError(f"--resume {resume}: that run already finished; nothing to resume")
+            raise ConfigError(f"--resume {resume}: that run already finished; nothing to resume")
+        if not same_config(run):
+            raise ConfigError(
+                f"--resume {resume}: that run was started with another config (config.hash "
+                f"{run.data.tags['config.hash'][:12]}, this one {wanted[:12]}); resume it with the config it "
+                "was started with (its params in MLflow), or start a new run"
+            )
         return resume
     if exp is None:
         return ""
@@ -240,7 +254,13 @@ def find_resumable(cfg: TrainConfig, tracking_uri: str, resume: str = "", flow_r
         return ""
     runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=10)
     unfinished = [r for r in runs if r.info.status != "FINISHED"]
-    return unfinished[0].info.run_id if unfinished else ""
+    matching = [r for r in unfinished if same_config(r)]
+    if unfinished and not matching:
+        log.info(
+            "run name %r: the unfinished run %s was started with another config; starting a new run",
+            cfg.tracking.run_name, unfinished[0].info.run_id,
+        )  # fmt: skip
+    return matching[0].info.run_id if matching else ""
 
 
 def reopen(tracking_uri: str, run_id: str, flow_run_id: str) -> None:

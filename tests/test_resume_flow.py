@@ -128,3 +128,25 @@ def test_resume_of_a_finished_or_unknown_run_is_refused(toy_csv, state_home):
         train_flow(cfg, resume=done["mlflow_run_id"])
     with pytest.raises(ValueError, match="no such MLflow run"):
         train_flow(cfg, resume="0123456789abcdef0123456789abcdef")
+
+
+def test_a_run_is_continued_only_with_the_config_it_was_started_with(toy_csv, state_home):
+    from pipelines.config import ConfigError
+    from pipelines.flow import train_flow
+    from tasks.errors import DataError
+
+    base = [f"data.path={toy_csv}", *SETTINGS, "train.epochs=1", "train.batch_size=64", "tracking.run_name=nightly"]
+    with pytest.raises(DataError, match="target column 'labl' not found"):
+        train_flow(load_config("csv", overrides=[*base, "data.target=labl"]))
+    client = MlflowClient(f"sqlite:///{state_home / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("trainyard").experiment_id
+    (failed,) = client.search_runs([exp_id])
+    assert failed.info.status == "FAILED"
+    # the same run name with a corrected config: a new run, whose params are this config's
+    fixed = train_flow(load_config("csv", overrides=[*base, "optim.lr=0.01"]))
+    assert fixed["mlflow_run_id"] != failed.info.run_id and fixed["run_name"] == "nightly"
+    params = client.get_run(fixed["mlflow_run_id"]).data.params
+    assert params["data.target"] == "label" and params["optim.lr"] == "0.01"
+    # --resume of the failed run under another config is refused by name
+    with pytest.raises(ConfigError, match="that run was started with another config .*resume it with the config it was started with"):
+        train_flow(load_config("csv", overrides=[*base, "optim.lr=0.01"]), resume=failed.info.run_id)
