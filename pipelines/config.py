@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -315,6 +316,16 @@ class TrackingConfig(Section):
         title="Champion metric",
         description="Test metric deciding champion promotion; auto: test/accuracy (classification), test/mse (regression).",
     )
+
+    @field_validator("champion_metric")
+    @classmethod
+    def _metric_form(cls, v: str) -> str:
+        if v == "auto" or re.fullmatch(r"test/(accuracy|loss|mse|mae|r2|(precision|recall|f1)_macro|(precision|recall|f1)/.+)", v):
+            return v
+        raise ValueError(
+            f"got {v!r}; expected auto, test/accuracy, test/precision_macro, test/recall_macro, test/f1_macro, "
+            "test/<precision|recall|f1>/<class>, test/mse, test/mae, test/r2 or test/loss"
+        )
 
 
 class StorageConfig(Section):

@@ -92,6 +92,7 @@ def train_flow(
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         dataset = ingest_task(cfg, state, tracking_uri, run_id, storage_uri)
+        steps.check_champion_metric(cfg, dataset["path"])
         if train_deployment:
             result = train_remote_task(
                 train_deployment, cfg, dataset["key"], run_id, tracking_uri, storage_uri, str(run_dir), str(tb_dir)

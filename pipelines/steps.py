@@ -212,6 +212,22 @@ def train(
     return result.to_dict()
 
 
+def check_champion_metric(cfg: TrainConfig, dataset_path: str) -> None:
+    """Before training: the promotion metric must be one the evaluation of this dataset reports
+    (a per-class metric names one of its classes)."""
+    from tasks.evaluate import metric_keys
+
+    if not cfg.tracking.log_model:
+        return
+    schema = load_schema(dataset_path)
+    metric, _ = champion.champion_metric(schema["task"], cfg.tracking.champion_metric)
+    keys = metric_keys(schema)
+    if metric not in keys:
+        raise ConfigError(
+            f"tracking.champion_metric {metric!r} is not among the test metrics of this {schema['task']} dataset: {', '.join(keys)}"
+        )
+
+
 def find_resumable(cfg: TrainConfig, tracking_uri: str, resume: str = "", flow_run_id: str = "") -> str:
     """The MLflow run this flow run continues, or '': `resume` (a run id), else an unfinished run with
     the configured run name and the same config, else an unfinished run of this Prefect flow run
@@ -352,7 +368,7 @@ def publish(
         # Check the promotion metric before a model version is registered, not after.
         metric, higher = champion.champion_metric(evaluation["task"], cfg.tracking.champion_metric)
         if metric not in metrics:
-            raise ValueError(f"tracking.champion_metric {metric!r} is not among the test metrics: {', '.join(sorted(metrics))}")
+            raise ConfigError(f"tracking.champion_metric {metric!r} is not among the test metrics: {', '.join(sorted(metrics))}")
         prepared = load_prepared(dataset_path)
         model = build_model(cfg.model.name, prepared.schema, cfg.model)
         model.load_state_dict(load_weights(checkpoint)["model_state"])

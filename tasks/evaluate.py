@@ -65,6 +65,16 @@ def regression_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, 
     }
 
 
+def metric_keys(schema: dict[str, Any]) -> list[str]:
+    """The test metrics evaluate_model reports for a prepared dataset of this schema."""
+    if schema["task"] == "classification":
+        keys = ["test/accuracy", *(f"test/{m}_macro" for m in ("precision", "recall", "f1"))]
+        keys += [f"test/{m}/{metric_key_part(label)}" for label in schema["label_names"] for m in ("precision", "recall", "f1")]
+    else:
+        keys = ["test/mse", "test/mae", "test/r2"]
+    return [*keys, "test/loss"]
+
+
 def write_confusion_csv(path: Path, cm: list[list[int]], labels: list[str]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

@@ -139,6 +139,7 @@ def test_credentials_in_uris_are_refused_without_echoing_them(override):
         ("data.features=[x1, x2, x1]", r"data.features names 'x1' more than once"),
         ("data.drop=[id, id]", r"data.drop names 'id' more than once"),
         ("data.target=yes", r"data.target: .*the boolean True .*quote a column named so"),
+        ("tracking.champion_metric=test/acc", r"tracking.champion_metric: .*got 'test/acc'; expected auto, test/accuracy"),
     ],
 )
 def test_uris_endpoints_and_column_lists_are_checked(override, message):

@@ -50,6 +50,9 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home, tmp_path, monkeypatch):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == list(range(1, 11)), key
     assert run.data.metrics["test/accuracy"] == pytest.approx(summary["test_metrics"]["test/accuracy"])
+    from tasks.evaluate import metric_keys  # what the config's champion_metric is checked against before training
+
+    assert sorted(summary["test_metrics"]) == sorted(metric_keys(json.loads(Path(summary["dataset"]["path"], "schema.json").read_text())))
     assert summary["test_metrics"]["test/accuracy"] > 0.9
     # tags: where the run came from
     tags = run.data.tags
@@ -192,3 +195,14 @@ def test_a_run_leaves_no_mlflow_uri_behind_in_the_process(toy_csv, state_home, m
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
     train_flow(csv_config(toy_csv, "train.epochs=1", "tracking.log_model=true"))
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == before
+
+
+def test_a_champion_metric_the_dataset_cannot_report_fails_before_training(toy_csv, state_home):
+    from pipelines.config import ConfigError
+    from pipelines.flow import train_flow
+
+    with pytest.raises(ConfigError, match=r"tracking.champion_metric 'test/recall/maybe' is not among the test metrics .*test/recall/yes"):
+        train_flow(csv_config(toy_csv, "tracking.champion_metric=test/recall/maybe"))
+    client = MlflowClient(f"sqlite:///{state_home / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("trainyard").experiment_id])
+    assert run.info.status == "FAILED" and "train/loss" not in run.data.metrics  # nothing was trained
