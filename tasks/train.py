@@ -184,9 +184,13 @@ def build_scheduler(optimizer, sched_cfg, optim_cfg, epochs: int, steps_per_epoc
             )
         # Each phase needs two steps or OneCycleLR divides by zero; only matters for very short runs.
         pct_start = min(max(sched_cfg.pct_start, 2 / total), 1 - 2 / total)
+        # The momentum (or Adam's beta1) is cycled against the learning rate where the optimizer has
+        # one; Adagrad, Adadelta, ASGD, Rprop and LBFGS have none, and cycle the learning rate only.
+        cycle_momentum = "momentum" in optimizer.defaults or "betas" in optimizer.defaults
         sched = S.OneCycleLR(
-            optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=pct_start
-        )
+            optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=pct_start,
+            cycle_momentum=cycle_momentum,
+        )  # fmt: skip
         return Schedule(sched, "batch")
     raise TrainingError(
         f"unknown scheduler {name!r}; valid: none, lambda, step, multistep, exponential, cosine, plateau, onecycle"

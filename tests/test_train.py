@@ -104,6 +104,14 @@ def test_onecycle_trains_to_the_end(tmp_path):
     assert result.history[-1]["lr"] < result.history[1]["lr"]
 
 
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_onecycle_works_with_every_optimizer(name, tmp_path):
+    """OneCycle cycles the momentum (or beta1) where the optimizer has one, the learning rate alone otherwise."""
+    result = run(blobs(n=300), tmp_path, optim=OptimConfig(name=name, lr=0.01), schedule=ScheduleConfig(name="onecycle", max_lr=0.05), epochs=3)
+    assert len(result.history) == 3 and all(math.isfinite(h["train/loss"]) for h in result.history)
+    assert result.history[-1]["lr"] < result.history[1]["lr"]
+
+
 def test_losses_follow_the_task():
     assert isinstance(loss_for({"task": "classification", "binary": False}), torch.nn.CrossEntropyLoss)
     assert isinstance(loss_for({"task": "classification", "binary": True}), torch.nn.BCEWithLogitsLoss)
