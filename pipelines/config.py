@@ -385,6 +385,11 @@ class TrainConfig(Section):
                 raise ValueError("data.path is required when data.source is 'csv' (a CSV file or file:// URI)")
             if not self.data.target:
                 raise ValueError("data.target is required when data.source is 'csv' (the column to predict)")
+        if self.schedule.name == "lambda":  # every epoch this run reaches, not just a few
+            try:
+                compile_lr_lambda(self.schedule.lr_lambda, self.train.epochs)
+            except LambdaExpressionError as exc:
+                raise ValueError(f"schedule.lr_lambda (with train.epochs={self.train.epochs}): {exc}") from None
         return self
 
     def flat(self) -> dict[str, Any]:

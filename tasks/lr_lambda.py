@@ -83,8 +83,12 @@ def _eval(node: ast.AST, epoch: int) -> float:
         return epoch if node.id == "epoch" else _CONSTS[node.id]
     if isinstance(node, ast.BinOp):
         left, right = _eval(node.left, epoch), _eval(node.right, epoch)
-        if isinstance(node.op, ast.Pow) and abs(right) > 1e4:
-            raise LambdaExpressionError(f"exponent {right} is too large")
+        if isinstance(node.op, ast.Pow):
+            if abs(right) > 1e4:
+                raise LambdaExpressionError(f"exponent {right} is too large")
+            # in floats: a result beyond float range is an OverflowError at once, not a huge integer
+            # computed for minutes, as (9999**9999)**9999 would be
+            return float(left) ** float(right)
         return _BINOPS[type(node.op)](left, right)
     if isinstance(node, ast.UnaryOp):
         return _UNARY[type(node.op)](_eval(node.operand, epoch))
@@ -92,8 +96,9 @@ def _eval(node: ast.AST, epoch: int) -> float:
     return _FUNCS[node.func.id](*(_eval(a, epoch) for a in node.args))
 
 
-def compile_lr_lambda(text: str) -> Callable[[int], float]:
-    """Parse `text` once and return `f(epoch) -> float`; raise LambdaExpressionError when it is not allowed."""
+def compile_lr_lambda(text: str, epochs: int | None = None) -> Callable[[int], float]:
+    """Parse `text` once and return `f(epoch) -> float`; raise LambdaExpressionError when it is not allowed,
+    or when it fails at an epoch the run reaches (every epoch 0..epochs when `epochs` is given)."""
     if not isinstance(text, str) or not text.strip():
         raise LambdaExpressionError("the expression is empty; example: '0.95 ** epoch'")
     if len(text) > _MAX_LEN:
@@ -113,6 +118,6 @@ def compile_lr_lambda(text: str) -> Callable[[int], float]:
             raise LambdaExpressionError(f"{text!r} gave {value} at epoch {epoch}; expected a finite value >= 0")
         return value
 
-    for probe in (0, 1, 10):  # catch division by zero and the like before training starts
+    for probe in range(epochs + 1) if epochs else (0, 1, 10):  # division by zero and the like, before training
         lr_lambda(probe)
     return lr_lambda

@@ -37,3 +37,17 @@ def test_unsafe_or_broken_expressions_are_refused(text, fragment):
     with pytest.raises(LambdaExpressionError) as err:
         compile_lr_lambda(text)
     assert fragment in str(err.value)
+
+
+def test_every_epoch_of_the_run_is_tried_before_training():
+    from pipelines.config import ConfigError, load_config
+
+    settings = ["schedule.name=lambda", "schedule.lr_lambda=1/abs(epoch-3)"]
+    with pytest.raises(ConfigError, match=r"train.epochs=5\): '1/abs\(epoch-3\)' failed at epoch 3: division by zero"):
+        load_config("mnist", overrides=[*settings, "train.epochs=5"])
+    assert load_config("mnist", overrides=[*settings, "train.epochs=2"]).train.epochs == 2  # epochs 0..2 are fine
+
+
+def test_a_power_too_large_for_a_float_fails_at_once():
+    with pytest.raises(LambdaExpressionError, match="failed at epoch 0"):
+        compile_lr_lambda("(9999**9999)**9999")  # in integers this would compute for minutes
