@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
     runs = sub.add_parser("runs", help="table of the latest runs of an experiment, champion marked", formatter_class=fmt)
     runs.add_argument("--experiment", default="trainyard", help="MLflow experiment")
-    runs.add_argument("-n", "--limit", type=int, default=10, help="how many runs")
+    runs.add_argument("-n", "--limit", type=_positive_int, default=10, help="how many runs")
     runs.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else the state folder's SQLite file")
     champ = sub.add_parser("champion", help="show the registered model's champion", formatter_class=fmt)
     champ.add_argument("--model", default="trainyard", help="registered model name")
@@ -74,10 +74,23 @@ def print_table(summary: dict[str, Any], out=None) -> None:
         print(f"{key:<{width}}  {value}", file=out)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
 def _registry_command(args) -> int:
     from pipelines import inspect_runs as ir
+    from tasks import tracking
 
     uri = ir.default_tracking_uri(args.tracking_uri)
+    tracking.configure_mlflow_client()  # an unreachable server fails in seconds, not after MLflow's minutes of retries
+    db = tracking.sqlite_path(uri)
+    if db and not os.path.isfile(db):  # reading must not create an empty tracking database
+        print(f"trainyard {args.command}: no tracking database at {db} (no run has been tracked there yet)", file=sys.stderr)
+        return 1
     try:
         if args.command == "runs":
             print(ir.format_table(ir.latest_runs(uri, args.experiment, args.limit)))

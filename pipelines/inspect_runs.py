@@ -24,9 +24,13 @@ def latest_runs(tracking_uri: str, experiment: str, limit: int = 10) -> list[dic
     if exp is None:
         raise LookupError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit)
-    champ = champion.current_champion(tracking_uri, experiment)
+    # Each run's model went to its own registered model (tracking.registered_model, tag registry.model;
+    # the experiment's name by default): a run is marked when it is that model's champion.
+    models = {run.data.tags.get("registry.model") or experiment for run in runs}
+    champions = {name: champion.current_champion(tracking_uri, name) for name in sorted(models)}
     rows = []
     for run in runs:
+        champ = champions[run.data.tags.get("registry.model") or experiment]
         row: dict[str, Any] = {
             "run_id": run.info.run_id,
             "name": run.info.run_name,
@@ -71,4 +75,5 @@ def describe_champion(tracking_uri: str, model_name: str) -> dict[str, Any] | No
         "metric": run.data.tags.get("champion.metric", ""),
         "value": run.data.metrics.get(run.data.tags.get("champion.metric", ""), None),
         "data_hash": run.data.tags.get("data.hash", ""),
+        "data_key": run.data.tags.get("data.key", ""),
     }

@@ -183,7 +183,8 @@ def safe_name(name: str) -> str:
 # ---- the MLflow run's life --------------------------------------------------------------------
 
 
-def _sqlite_path(tracking_uri: str) -> str:
+def sqlite_path(tracking_uri: str) -> str:
+    """The file of a sqlite:/// tracking URI; '' for any other URI."""
     return tracking_uri[len("sqlite:///") :] if tracking_uri.startswith("sqlite:///") else ""
 
 
@@ -193,7 +194,7 @@ def init_store(tracking_uri: str) -> None:
     Several runs starting at once on one state folder would otherwise race on MLflow's
     schema migrations. A server URI needs nothing here.
     """
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     if not db:
         return
     import fcntl
@@ -218,7 +219,7 @@ def artifact_location(tracking_uri: str) -> str | None:
     artifacts over the folders they were started from. A server (or another database) decides
     for itself: None.
     """
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     if not db:
         return None
     from pathlib import Path
