@@ -99,3 +99,30 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def crash_training_once(monkeypatch, at_epoch: int, lose=None) -> list:
+    """Make the flow's first training attempt fail after epoch `at_epoch` (its checkpoint written),
+    as a lost worker would; `lose()` runs first (e.g. to delete that worker's files). Returns the
+    `resume_from` of every attempt, in order."""
+    import pipelines.steps as steps
+
+    real, calls = steps.train_model, []
+
+    def crash_once(*args, **kwargs):
+        calls.append(kwargs.get("resume_from"))
+        if len(calls) == 1:
+            inner = kwargs["on_epoch"]
+
+            def on_epoch(epoch, metrics):
+                inner(epoch, metrics)
+                if epoch == at_epoch:
+                    if lose is not None:
+                        lose()
+                    raise RuntimeError("worker lost")
+
+            kwargs["on_epoch"] = on_epoch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "train_model", crash_once)
+    return calls

@@ -18,6 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import load_config
+from tests.conftest import crash_training_once
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 SETTINGS = ["data.target=label", "data.drop=[id]", "train.epochs=30", "train.batch_size=2", "train.keep=last",
@@ -91,22 +92,7 @@ def test_a_prefect_flow_retry_resumes_from_the_checkpoint(toy_csv, state_home, m
 
     cfg = load_config("csv", overrides=[f"data.path={toy_csv}", *SETTINGS, "train.epochs=6", "train.batch_size=16"])
     real = steps.train_model
-    calls = []
-
-    def crash_once(*args, **kwargs):
-        calls.append(kwargs.get("resume_from"))
-        if len(calls) == 1:
-            inner = kwargs["on_epoch"]
-
-            def on_epoch(epoch, metrics):
-                inner(epoch, metrics)
-                if epoch == 2:
-                    raise RuntimeError("worker lost")
-
-            kwargs["on_epoch"] = on_epoch
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(steps, "train_model", crash_once)
+    calls = crash_training_once(monkeypatch, at_epoch=2)
     summary = train_flow.with_options(retries=1, retry_delay_seconds=0)(cfg)
     assert calls[0] is None and calls[1] is not None and Path(calls[1]).name == "last.pt"
     client = MlflowClient(summary["tracking_uri"])

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import load_config
 from tasks.storage import StorageError
+from tests.conftest import crash_training_once
 from tests.services import FAKE_KEYS, S3Endpoint, free_port, mlflow_server, postgres_database, wait_http
 
 pytestmark = [pytest.mark.service, pytest.mark.usefixtures("prefect_harness")]
@@ -232,23 +233,12 @@ def test_a_retry_on_another_worker_resumes_from_the_shared_checkpoint(toy_csv, s
         f"data.path={toy_csv}", "data.target=label", "data.drop=[id]", "train.epochs=4", "train.batch_size=16",
         f"storage.uri=s3://{BUCKET}/retry", f"storage.endpoint_url={s3.url}", "storage.max_attempts=2",
     ])  # fmt: skip
-    real, calls = steps.train_model, []
 
-    def lose_the_worker_once(*args, **kwargs):
-        calls.append(kwargs.get("resume_from"))
-        if len(calls) == 1:
-            inner = kwargs["on_epoch"]
+    def lose_the_workers_files():
+        for folder in state_home.glob("runs/*/checkpoints"):
+            shutil.rmtree(folder)
 
-            def on_epoch(epoch, metrics):
-                inner(epoch, metrics)
-                if epoch == 2:
-                    for folder in state_home.glob("runs/*/checkpoints"):
-                        shutil.rmtree(folder)
-                    raise RuntimeError("worker lost")
-
-            kwargs["on_epoch"] = on_epoch
-        return real(*args, **kwargs)
-
+    calls = crash_training_once(monkeypatch, at_epoch=2, lose=lose_the_workers_files)
     fetch, fetched = steps.fetch_checkpoint, []
 
     def recording_fetch(store, run_id, folder):
@@ -256,7 +246,6 @@ def test_a_retry_on_another_worker_resumes_from_the_shared_checkpoint(toy_csv, s
         fetched.append(sorted(p.name for p in folder.iterdir()) if found else None)
         return found
 
-    monkeypatch.setattr(steps, "train_model", lose_the_worker_once)
     monkeypatch.setattr(steps, "fetch_checkpoint", recording_fetch)
     summary = train_flow.with_options(retries=1, retry_delay_seconds=0)(cfg)
     assert calls[0] is None and calls[1] is not None
