@@ -190,11 +190,23 @@ class OptimConfig(Section):
     lr: float = Field(1e-3, gt=0.0, le=100.0, title="Learning rate", description="Initial learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, title="Weight decay", description="L2 penalty / decoupled decay.")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, title="Momentum", description="Momentum for sgd and rmsprop.")
-    kwargs: dict[str, float | int | bool | list[float]] = Field(
+    kwargs: dict[str, float | int | bool | str | list[float]] = Field(
         default_factory=dict,
         title="Extra arguments",
-        description="More keyword arguments for the optimizer, e.g. {'betas': [0.9, 0.99]}.",
+        description="More keyword arguments for the optimizer, e.g. {'betas': [0.9, 0.99]}, {'line_search_fn': 'strong_wolfe'}.",
     )
+
+    @model_validator(mode="after")
+    def _applies(self) -> "OptimConfig":
+        # Values the chosen optimizer has no use for are refused, not dropped without a word.
+        if self.weight_decay and self.name in ("lbfgs", "rprop"):
+            raise ValueError(f"optim.weight_decay={self.weight_decay}: {self.name} has no weight decay; set it to 0")
+        if self.momentum and self.name not in ("sgd", "rmsprop"):
+            raise ValueError(
+                f"optim.momentum={self.momentum} applies to sgd and rmsprop only; for {self.name}, "
+                "set it to 0 (Adam-style optimizers take betas in optim.kwargs)"
+            )
+        return self
 
 
 class ScheduleConfig(Section):
@@ -223,8 +235,8 @@ class ScheduleConfig(Section):
                 compile_lr_lambda(self.lr_lambda)
             except LambdaExpressionError as exc:
                 raise ValueError(f"schedule.lr_lambda: {exc}") from None
-        if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
-            raise ValueError(f"schedule.milestones must be increasing positive epochs, got {self.milestones}")
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])) or any(m < 1 for m in self.milestones):
+            raise ValueError(f"schedule.milestones must be strictly increasing positive epochs, got {self.milestones}")
         return self
 
 
@@ -238,7 +250,7 @@ class TrainSection(Section):
         "auto", title="Device", description="auto: cuda, then mps, then cpu."
     )
     seed: int = Field(0, ge=0, title="Seed", description="Seed of weights, shuffling and dropout.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, title="Label smoothing", description="Multi-class only.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, title="Label smoothing", description="Classification: targets pulled towards uniform (binary: 1 -> 1-s/2, 0 -> s/2).")
     grad_clip: float = Field(0.0, ge=0.0, title="Gradient clipping", description="Max gradient norm; 0 disables.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", title="Precision", description="auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a GradScaler."
@@ -385,6 +397,11 @@ class TrainConfig(Section):
                 raise ValueError("data.path is required when data.source is 'csv' (a CSV file or file:// URI)")
             if not self.data.target:
                 raise ValueError("data.target is required when data.source is 'csv' (the column to predict)")
+        if self.train.grad_clip and self.optim.name == "lbfgs":
+            raise ValueError(
+                f"train.grad_clip={self.train.grad_clip} is not applied with optim.name=lbfgs (its closure "
+                "steps many times); set it to 0 or pick another optimizer"
+            )
         if self.schedule.name == "lambda":  # every epoch this run reaches, not just a few
             try:
                 compile_lr_lambda(self.schedule.lr_lambda, self.train.epochs)

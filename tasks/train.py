@@ -103,12 +103,25 @@ def seed_everything(seed: int) -> None:
 # ---- loss, optimizer, scheduler ---------------------------------------------------------------
 
 
+class SmoothedBCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+    """BCEWithLogits against targets pulled towards 1/2 by `label_smoothing`, as CrossEntropyLoss's
+    label_smoothing does for two classes: 1 -> 1 - s/2, 0 -> s/2."""
+
+    def __init__(self, label_smoothing: float):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return super().forward(input, target * (1 - self.label_smoothing) + 0.5 * self.label_smoothing)
+
+
 def loss_for(schema: dict[str, Any], label_smoothing: float = 0.0) -> nn.Module:
-    """CrossEntropy for multi-class, BCEWithLogits for binary, MSE for regression."""
+    """CrossEntropy for multi-class, BCEWithLogits for binary, MSE for regression (label smoothing
+    applies to both classification losses)."""
     if schema["task"] == "regression":
         return nn.MSELoss()
     if schema.get("binary"):
-        return nn.BCEWithLogitsLoss()
+        return SmoothedBCEWithLogitsLoss(label_smoothing) if label_smoothing else nn.BCEWithLogitsLoss()
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 

@@ -132,7 +132,7 @@ def test_nan_is_refused(override, field, words):
 
 
 def test_milestones_out_of_order():
-    config_refused("schedule.milestones must be increasing positive epochs, got [5, 3]", overrides=["schedule.milestones=[5, 3]"])
+    config_refused("schedule.milestones must be strictly increasing positive epochs, got [5, 3]", overrides=["schedule.milestones=[5, 3]"])
 
 
 def test_data_path_with_an_unsupported_scheme():

@@ -140,11 +140,26 @@ def test_credentials_in_uris_are_refused_without_echoing_them(override):
         ("data.drop=[id, id]", r"data.drop names 'id' more than once"),
         ("data.target=yes", r"data.target: .*the boolean True .*quote a column named so"),
         ("tracking.champion_metric=test/acc", r"tracking.champion_metric: .*got 'test/acc'; expected auto, test/accuracy"),
+        ("schedule.milestones=[2, 2]", r"schedule.milestones must be strictly increasing positive epochs, got \[2, 2\]"),
+        ("optim.name=rprop", r"optim.weight_decay=0.0001: rprop has no weight decay; set it to 0"),
+        ("optim.momentum=0.9", r"optim.momentum=0.9 applies to sgd and rmsprop only; for adamw"),
+        ("train.grad_clip=1.0", None),  # with the preset's adamw: applied, fine
     ],
 )
 def test_uris_endpoints_and_column_lists_are_checked(override, message):
+    if message is None:
+        load_config("csv", overrides=["data.path=/data/houses.csv", "data.target=price", override])
+        return
     with pytest.raises(ConfigError, match=message):
         load_config("csv", overrides=["data.path=/data/houses.csv", "data.target=price", override])
+
+
+def test_lbfgs_takes_string_options_and_refuses_gradient_clipping():
+    base = ["data.path=/d.csv", "data.target=y", "optim.name=lbfgs", "optim.weight_decay=0"]
+    cfg = load_config("csv", overrides=[*base, "optim.kwargs={line_search_fn: strong_wolfe}"])
+    assert cfg.optim.kwargs == {"line_search_fn": "strong_wolfe"}
+    with pytest.raises(ConfigError, match=r"train.grad_clip=1.0 is not applied with optim.name=lbfgs"):
+        load_config("csv", overrides=[*base, "train.grad_clip=1.0"])
 
 
 def test_file_uris_and_numeric_column_names_that_are_fine():

@@ -118,6 +118,17 @@ def test_losses_follow_the_task():
     assert isinstance(loss_for({"task": "regression"}), torch.nn.MSELoss)
 
 
+def test_binary_label_smoothing_matches_two_class_cross_entropy():
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    targets = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    smoothed = loss_for({"task": "classification", "binary": True}, label_smoothing=0.2)(logits, targets)
+    # the same model as two-class logits [0, z]: CrossEntropyLoss's own label smoothing gives the same loss
+    two_class = torch.stack([torch.zeros_like(logits), logits], dim=1)
+    expected = torch.nn.CrossEntropyLoss(label_smoothing=0.2)(two_class, targets.long())
+    assert torch.allclose(smoothed, expected)
+    assert not torch.allclose(smoothed, loss_for({"task": "classification", "binary": True})(logits, targets))
+
+
 def test_same_seed_same_weights(tmp_path):
     a = load_weights(run(blobs(), tmp_path / "a", seed=7).checkpoint)["model_state"]
     b = load_weights(run(blobs(), tmp_path / "b", seed=7).checkpoint)["model_state"]
