@@ -29,6 +29,22 @@ def metric_key_part(name: str) -> str:
     return _KEY_SAFE.sub("_", name)[:100] or "_"
 
 
+def metric_key_parts(label_names: list[str]) -> list[str]:
+    """Each class's part of its metric keys: the name made safe, and unique (`<=50K` and `>50K`
+    both make `_50K`: such names get the class index too, `_50K.0` and `_50K.1`)."""
+    parts = [metric_key_part(name) for name in label_names]
+    seen: set[str] = set()
+    out = []
+    for i, part in enumerate(parts):
+        if parts.count(part) > 1 or part in seen:
+            part = f"{part[:90]}.{i}"
+            while part in seen:  # a class literally named like that: one more suffix
+                part += "_"
+        seen.add(part)
+        out.append(part)
+    return out
+
+
 def classification_metrics(preds: torch.Tensor, targets: torch.Tensor, label_names: list[str]) -> dict[str, Any]:
     import torchmetrics.functional as TMF  # here, not at the top: a train-only process (the GPU step) skips its 2 to 3 s
 
@@ -47,9 +63,9 @@ def classification_metrics(preds: torch.Tensor, targets: torch.Tensor, label_nam
         label: {name: float(values[i]) for name, values in per.items()} | {"support": int((targets == i).sum())}
         for i, label in enumerate(label_names)
     }
-    for label, row in per_class.items():
+    for part, row in zip(metric_key_parts(label_names), per_class.values()):
         for name in ("precision", "recall", "f1"):
-            metrics[f"test/{name}/{metric_key_part(label)}"] = row[name]
+            metrics[f"test/{name}/{part}"] = row[name]
     return {"metrics": metrics, "confusion_matrix": cm.tolist(), "per_class": per_class}
 
 
@@ -69,7 +85,7 @@ def metric_keys(schema: dict[str, Any]) -> list[str]:
     """The test metrics evaluate_model reports for a prepared dataset of this schema."""
     if schema["task"] == "classification":
         keys = ["test/accuracy", *(f"test/{m}_macro" for m in ("precision", "recall", "f1"))]
-        keys += [f"test/{m}/{metric_key_part(label)}" for label in schema["label_names"] for m in ("precision", "recall", "f1")]
+        keys += [f"test/{m}/{part}" for part in metric_key_parts(schema["label_names"]) for m in ("precision", "recall", "f1")]
     else:
         keys = ["test/mse", "test/mae", "test/r2"]
     return [*keys, "test/loss"]

@@ -43,6 +43,21 @@ def test_metric_keys_are_made_safe():
     assert metric_key_part("a/b:c") == "a_b_c" and metric_key_part("") == "_"
 
 
+def test_class_names_that_make_the_same_key_stay_apart():
+    import torch
+
+    from tasks.evaluate import metric_key_parts, metric_keys
+
+    labels = ["<=50K", ">50K"]
+    assert metric_key_parts(labels) == ["_50K.0", "_50K.1"]
+    assert metric_key_parts(["a", "a/b", "a:b", "a_b.1"]) == ["a", "a_b.1", "a_b.2", "a_b.1.3"]  # always unique
+    preds, targets = torch.tensor([0, 0, 1, 1, 0]), torch.tensor([0, 1, 1, 1, 0])
+    metrics = classification_metrics(preds, targets, labels)["metrics"]
+    assert metrics["test/recall/_50K.0"] == 1.0 and metrics["test/recall/_50K.1"] == pytest.approx(2 / 3)
+    keys = metric_keys({"task": "classification", "label_names": labels})
+    assert len(keys) == len(set(keys)) and set(keys) == {*metrics, "test/loss"}
+
+
 def test_local_store_publishes_a_whole_unit(tmp_path):
     src = tmp_path / "w.bin"
     src.write_bytes(b"weights")
