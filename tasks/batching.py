@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from tasks.data import TensorSplit, make_loader
+from tasks.data import TensorSplit, make_loader, order_generator
 from tasks.prepared import Prepared
 
 log = logging.getLogger("trainyard.train")
@@ -220,8 +220,8 @@ class Batches:
         train = self.train
         if isinstance(train, ResidentBatcher):
             gens["order"] = train.generator
-        elif train.loader.generator is not None:
-            gens["order"] = train.loader.generator
+        elif order_generator(train.loader) is not None:
+            gens["order"] = order_generator(train.loader)
         if train.prep is not None and train.prep.generator is not None:
             gens["augment"] = train.prep.generator
         return gens

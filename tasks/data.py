@@ -13,7 +13,7 @@ from __future__ import annotations
 
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from tasks.prepared import Prepared
 
@@ -70,15 +70,26 @@ def make_loader(
     seed: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    generator = torch.Generator()
-    generator.manual_seed(seed)
+    # The epoch order has a generator of its own (the sampler's, saved in checkpoints). The loader's
+    # generator only seeds its worker processes, which draw nothing random here: it is drawn once per
+    # epoch without workers but once per run with persistent workers, and sharing one generator
+    # would make a resumed run's order differ from an uninterrupted one's.
+    order = torch.Generator()
+    order.manual_seed(seed)
+    workers = torch.Generator()
+    workers.manual_seed(seed + 1)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=RandomSampler(dataset, generator=order) if shuffle else SequentialSampler(dataset),
         num_workers=num_workers,
         collate_fn=_as_batch,
-        generator=generator,
+        generator=workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )
+
+
+def order_generator(loader: DataLoader) -> torch.Generator | None:
+    """The generator behind a loader's epoch order (None when it does not shuffle)."""
+    return loader.sampler.generator if isinstance(loader.sampler, RandomSampler) else None

@@ -45,12 +45,12 @@ def crash_after(epoch_to_crash: int):
     return on_epoch
 
 
-@pytest.mark.parametrize("resident", ["off", "on"])
+@pytest.mark.parametrize("resident, workers", [("off", 0), ("off", 2), ("on", 0)], ids=["loader", "loader-2-workers", "resident"])
 @pytest.mark.parametrize("schedule", ["onecycle", "plateau"])
-def test_resumed_run_ends_with_the_same_weights(tmp_path, resident, schedule):
+def test_resumed_run_ends_with_the_same_weights(tmp_path, resident, workers, schedule):
     prepared = digits()
     sched = ScheduleConfig(name=schedule, max_lr=5e-3, patience=0)
-    train = TrainSection(epochs=4, batch_size=32, seed=5, gpu_resident=resident, augment="shift", device="cpu")
+    train = TrainSection(epochs=4, batch_size=32, seed=5, gpu_resident=resident, augment="shift", device="cpu", num_workers=workers)
     whole = train_model(prepared, MODEL, OPTIM, sched, train, tmp_path / "whole")
     with pytest.raises(Crash):
         train_model(prepared, MODEL, OPTIM, sched, train, tmp_path / "cut", on_epoch=crash_after(2))
