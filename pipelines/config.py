@@ -227,6 +227,14 @@ class ScheduleConfig(Section):
     patience: int = Field(3, ge=0, title="Plateau patience", description="Epochs without improvement before decaying.")
     max_lr: float = Field(0.0, ge=0.0, title="OneCycle max LR", description="Peak LR (onecycle); 0 means optim.lr.")
     pct_start: float = Field(0.3, gt=0.0, lt=1.0, title="OneCycle warm-up share", description="Share of steps rising.")
+    cycle_momentum: bool = Field(
+        True,
+        title="OneCycle momentum cycling",
+        description="onecycle: cycle the momentum (Adam's beta1) inversely to the LR between max_momentum and "
+        "base_momentum, replacing the optimizer's own value (PyTorch's default); false keeps the optimizer's.",
+    )
+    base_momentum: float = Field(0.85, ge=0.0, lt=1.0, title="OneCycle base momentum", description="Momentum at the LR peak.")
+    max_momentum: float = Field(0.95, ge=0.0, lt=1.0, title="OneCycle max momentum", description="Momentum at the start and end.")
 
     @model_validator(mode="after")
     def _check_lambda(self) -> "ScheduleConfig":
@@ -235,6 +243,10 @@ class ScheduleConfig(Section):
                 compile_lr_lambda(self.lr_lambda)
             except LambdaExpressionError as exc:
                 raise ValueError(f"schedule.lr_lambda: {exc}") from None
+        if self.base_momentum > self.max_momentum:
+            raise ValueError(
+                f"schedule.base_momentum ({self.base_momentum}) must not exceed schedule.max_momentum ({self.max_momentum})"
+            )
         if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])) or any(m < 1 for m in self.milestones):
             raise ValueError(f"schedule.milestones must be strictly increasing positive epochs, got {self.milestones}")
         return self
@@ -450,11 +462,12 @@ def _csv() -> dict[str, Any]:
 
 
 def _mnist_fast() -> dict[str, Any]:
-    """A small CNN trained fast: the record-style recipe (Adam with short-memory betas, OneCycle,
-    label smoothing, shifts on the device), a 2% validation share so that nearly every image trains.
+    """A small CNN trained fast: the record-style recipe (Adam with beta2 0.9, its beta1 cycled by
+    OneCycle as PyTorch does by default; label smoothing, shifts on the device), a 2% validation
+    share so that nearly every image trains.
 
-    On the real 8,000/2,000 split (2-core CPU, 3 seeds) this recipe reached 99.33% test accuracy
-    where the earlier AdamW 4e-3 with a 10% validation share reached 99.15%.
+    On the real 8,000/2,000 split (2-core CPU, 3 seeds) this recipe reached 99.28 to 99.33% test
+    accuracy where the earlier AdamW 4e-3 with a 10% validation share reached 99.15%.
     """
     cfg = _mnist()
     cfg["data"] = {**cfg["data"], "val_fraction": 0.02}

@@ -198,11 +198,19 @@ def build_scheduler(optimizer, sched_cfg, optim_cfg, epochs: int, steps_per_epoc
         # Each phase needs two steps or OneCycleLR divides by zero; only matters for very short runs.
         pct_start = min(max(sched_cfg.pct_start, 2 / total), 1 - 2 / total)
         # The momentum (or Adam's beta1) is cycled against the learning rate where the optimizer has
-        # one; Adagrad, Adadelta, ASGD, Rprop and LBFGS have none, and cycle the learning rate only.
-        cycle_momentum = "momentum" in optimizer.defaults or "betas" in optimizer.defaults
+        # one and the config asks for it (PyTorch's default); Adagrad, Adadelta, ASGD, Rprop and LBFGS
+        # have none, and cycle the learning rate only.
+        has_momentum = "momentum" in optimizer.defaults or "betas" in optimizer.defaults
+        cycle = getattr(sched_cfg, "cycle_momentum", True) and has_momentum
+        base_m, max_m = getattr(sched_cfg, "base_momentum", 0.85), getattr(sched_cfg, "max_momentum", 0.95)
+        if cycle:
+            log.info(
+                "onecycle: momentum (beta1) cycles between %g and %g in place of the optimizer's own "
+                "(schedule.cycle_momentum=false keeps it)", base_m, max_m,
+            )  # fmt: skip
         sched = S.OneCycleLR(
             optimizer, max_lr=max_lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=pct_start,
-            cycle_momentum=cycle_momentum,
+            cycle_momentum=cycle, base_momentum=base_m, max_momentum=max_m,
         )  # fmt: skip
         return Schedule(sched, "batch")
     raise TrainingError(

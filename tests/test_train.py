@@ -112,6 +112,24 @@ def test_onecycle_works_with_every_optimizer(name, tmp_path):
     assert result.history[-1]["lr"] < result.history[1]["lr"]
 
 
+@pytest.mark.parametrize("cycle", [True, False])
+def test_onecycle_cycles_the_momentum_only_when_asked(cycle):
+    model = torch.nn.Linear(3, 2)
+    adam = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=0.01, kwargs={"betas": [0.7, 0.9]}))
+    sched_cfg = ScheduleConfig(name="onecycle", max_lr=0.01, cycle_momentum=cycle, base_momentum=0.8, max_momentum=0.9)
+    schedule = build_scheduler(adam, sched_cfg, OptimConfig(name="adam", lr=0.01), epochs=2, steps_per_epoch=10, maximize=True)
+    seen = set()
+    for _ in range(20):
+        adam.step()
+        schedule.step_batch()
+        seen.add(round(adam.param_groups[0]["betas"][0], 6))
+    assert adam.param_groups[0]["betas"][1] == 0.9
+    if cycle:
+        assert min(seen) >= 0.8 - 1e-9 and max(seen) <= 0.9 + 1e-9 and len(seen) > 5
+    else:
+        assert seen == {0.7}  # the configured beta1 is kept
+
+
 def test_losses_follow_the_task():
     assert isinstance(loss_for({"task": "classification", "binary": False}), torch.nn.CrossEntropyLoss)
     assert isinstance(loss_for({"task": "classification", "binary": True}), torch.nn.BCEWithLogitsLoss)
