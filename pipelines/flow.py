@@ -55,7 +55,11 @@ SKIPPED = "Skipped"
 
 @flow(name="trainyard-train", validate_parameters=True)
 def train_flow(
-    cfg: TrainConfig = TrainConfig(), force: bool = False, train_deployment: str = "", resume: str = ""
+    cfg: TrainConfig = TrainConfig(),
+    force: bool = False,
+    train_deployment: str = "",
+    resume: str = "",
+    train_start_timeout: float = 600.0,
 ) -> dict[str, Any] | State:
     """Train, evaluate and publish one model as the config says; return the run's summary.
 
@@ -64,6 +68,8 @@ def train_flow(
         force: train even when data, config and code match the current champion's run.
         train_deployment: run the training step as this deployment (e.g. 'trainyard-train-step/gpu', on
             the gpu work pool) instead of in this process; needs an s3:// artifact store.
+        train_start_timeout: with train_deployment, seconds to wait for a worker to start the step;
+            after that the run fails and the step is cancelled.
         resume: an MLflow run id to continue from its last checkpoint. Without it, an unfinished run
             with the configured run name, or of this flow run (a retry), is continued.
     """
@@ -95,8 +101,9 @@ def train_flow(
         steps.check_champion_metric(cfg, dataset["path"])
         if train_deployment:
             result = train_remote_task(
-                train_deployment, cfg, dataset["key"], run_id, tracking_uri, storage_uri, str(run_dir), str(tb_dir)
-            )
+                train_deployment, cfg, dataset["key"], run_id, tracking_uri, storage_uri, str(run_dir), str(tb_dir),
+                train_start_timeout,
+            )  # fmt: skip
         else:
             result = train_task(cfg, dataset["path"], tracking_uri, run_id, str(run_dir), str(tb_dir), storage_uri)
         evaluation = evaluate_task(cfg, dataset["path"], result["checkpoint"], str(run_dir))

@@ -11,6 +11,7 @@ evaluates and publishes as usual. Both ends need a remote store (S3).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tasks import tracking
 from tasks.ingest import fetch_prepared
 
 TRAIN_STEP_FLOW = "trainyard-train-step"
+log = logging.getLogger("trainyard.remote")
 
 
 class RemoteTrainingError(RuntimeError):
@@ -59,11 +61,55 @@ def train_step_flow(cfg: TrainConfig, dataset_key: str, run_id: str, tracking_ur
     return {"handoff": f"{store.uri}/{handoff_prefix(run_id)}", "best_epoch": result["best_epoch"]}
 
 
+def wait_for_step(flow_run_id, deployment: str, start_timeout: float, poll: float = 2.0):
+    """The step's flow run once it is final. A run no worker has started within `start_timeout`
+    seconds (still Scheduled, Late or Pending) is an error; once started it may take as long as
+    training takes."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    waiting = (StateType.SCHEDULED, StateType.PENDING)
+    deadline = time.monotonic() + start_timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            state = run.state
+            if state is not None and state.is_final():
+                return run
+            if (state is None or state.type in waiting) and time.monotonic() > deadline:
+                pool = deployment.split("/", 1)[-1]
+                raise RemoteTrainingError(
+                    f"no worker started train step {deployment!r} (flow run {flow_run_id}) within {start_timeout:.0f} s: "
+                    f"it stayed {state.name if state else 'unscheduled'}; start a worker on its work pool "
+                    f"(e.g. `prefect worker start --pool {pool}`), or run without train_deployment"
+                )
+            time.sleep(poll)
+
+
+def cancel_quietly(flow_run_id) -> None:
+    """Cancel the step's flow run (a running one is told to stop: Cancelling); best effort."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Cancelling
+
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return
+            stop = Cancelling if run.state is not None and run.state.is_running() else Cancelled
+            client.set_flow_run_state(flow_run_id, stop(message="the parent flow run stopped waiting for it"), force=True)
+    except Exception as exc:  # the API may be what failed
+        log.warning("could not cancel train step flow run %s: %s", flow_run_id, exc)
+
+
 def train_remotely(
     deployment: str, cfg: TrainConfig, dataset_key: str, run_id: str, tracking_uri: str, storage_uri: str,
-    run_dir: str, tb_dir: str,
+    run_dir: str, tb_dir: str, start_timeout: float = 600.0,
 ) -> dict[str, Any]:
-    """Run the train step as `deployment` (e.g. 'trainyard-train-step/gpu') and bring its output here."""
+    """Run the train step as `deployment` (e.g. 'trainyard-train-step/gpu') and bring its output here;
+    fail (and cancel the step) when no worker starts it within `start_timeout` seconds."""
     store = steps.store_for(cfg, storage_uri)
     if not store.remote:
         raise RemoteTrainingError(
@@ -73,8 +119,13 @@ def train_remotely(
         deployment,
         parameters={"cfg": cfg.model_dump(mode="json"), "dataset_key": dataset_key, "run_id": run_id,
                     "tracking_uri": tracking_uri, "storage_uri": storage_uri},
-        timeout=None,
+        timeout=0,  # returns once the step's flow run exists; waited for below
     )  # fmt: skip
+    try:
+        flow_run = wait_for_step(flow_run.id, deployment, start_timeout)
+    except BaseException:  # no worker took it, or this run was stopped: the step must not train on alone
+        cancel_quietly(flow_run.id)
+        raise
     if not flow_run.state or not flow_run.state.is_completed():
         state = flow_run.state.name if flow_run.state else "unknown"
         raise RemoteTrainingError(f"train step {deployment!r} (flow run {flow_run.id}) ended {state}: {flow_run.state.message if flow_run.state else ''}")

@@ -187,3 +187,30 @@ def test_training_step_runs_on_the_gpu_pool(stack, toy_csv):
     keys = {o["Key"] for o in boto3.client("s3", endpoint_url=stack["s3"].url).list_objects_v2(Bucket=BUCKET)["Contents"]}
     assert f"runs/handoffs/{mrun.info.run_id}/best.pt" in keys
     assert f"runs/{experiment}/{mrun.info.run_id}/manifest.json" in keys
+
+
+def test_a_train_step_no_worker_starts_fails_the_wait_and_is_cancelled(stack, toy_csv):
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.config import TrainConfig
+    from pipelines.remote import RemoteTrainingError, train_remotely, train_step_flow
+
+    params = csv_parameters(stack, toy_csv, "orch-idle")
+    params["cfg"]["storage"].update(uri=f"s3://{BUCKET}/runs", endpoint_url=stack["s3"].url)
+    cfg = TrainConfig.model_validate(params["cfg"])
+    with client_for(stack) as client, temporary_settings(updates={PREFECT_API_URL: stack["api"]}):
+        client.create_work_pool(WorkPoolCreate(name="gpu-idle", type="process"))  # a pool no worker serves
+        train_step_flow.to_deployment(name="idle", work_pool_name="gpu-idle").apply()
+        with pytest.raises(RemoteTrainingError, match=r"no worker started train step 'trainyard-train-step/idle' .* within 3 s: it stayed Scheduled"):
+            train_remotely("trainyard-train-step/idle", cfg, "no-such-key", "run-x", "sqlite:///unused.db",
+                           cfg.storage.uri, str(stack["root"] / "idle-run"), str(stack["root"] / "idle-tb"), start_timeout=3)  # fmt: skip
+        dep = client.read_deployment_by_name("trainyard-train-step/idle")
+        (step,) = client.read_flow_runs(deployment_filter=_deployment_filter(dep.id))
+        assert step.state.type.value == "CANCELLED"  # it will not train later into a failed MLflow run
+
+
+def _deployment_filter(deployment_id):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
