@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else the state folder's SQLite file")
     dep = sub.add_parser("deploy", help="register the deployments and work pools with the Prefect server", formatter_class=fmt)
     dep.add_argument("--work-dir", default=".", help="folder holding this repository on the workers (/app in the images)")
-    dep.add_argument("--gpu-slots", type=int, default=1, help="flow runs the gpu pool runs at once (one per GPU)")
+    dep.add_argument("--gpu-slots", type=_positive_int, default=1, help="flow runs the gpu pool runs at once (one per GPU)")
+    dep.add_argument("--image", default="", help="container image of the flow runs (required by Kubernetes and Docker pools)")
     dep.add_argument("--csv-path", default="/data/retrain.csv", help="data.path of the csv-retrain deployment")
     dep.add_argument("--csv-target", default="label", help="data.target of the csv-retrain deployment")
     dep.add_argument("--timezone", default="Europe/Berlin", help="timezone of the cron schedules")
@@ -134,6 +135,36 @@ class ConsoleFormatter(logging.Formatter):
         return super().format(record)
 
 
+def _deploy_command(args) -> int:
+    """Register pools and deployments with the server in PREFECT_API_URL; there must be one (an
+    embedded server would take them to its grave)."""
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url
+    if not api:
+        print(
+            "trainyard deploy: PREFECT_API_URL is not set; point it at the Prefect server the workers use "
+            "(e.g. http://prefect:4200/api)", file=sys.stderr,
+        )  # fmt: skip
+        return 2
+    from pipelines.deployments import deploy
+
+    try:
+        ids = deploy(args.work_dir, args.gpu_slots, image=args.image, csv_path=args.csv_path,
+                     csv_target=args.csv_target, timezone=args.timezone)  # fmt: skip
+    except Exception as exc:
+        import httpx
+
+        if isinstance(exc, httpx.TransportError):
+            print(f"trainyard deploy: the Prefect server at {api} is unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        else:
+            print(f"trainyard deploy: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    for name, deployment_id in ids.items():
+        print(f"{name}  {deployment_id}")
+    return 0
+
+
 def configure_logging() -> None:
     """Our INFO lines on stderr (stdout stays clean for --json); other libraries at WARNING."""
     handler = logging.StreamHandler(sys.stderr)
@@ -196,12 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("runs", "champion", "promote"):
         return _registry_command(args)
     if args.command == "deploy":
-        from pipelines.deployments import deploy
-
-        ids = deploy(args.work_dir, args.gpu_slots, csv_path=args.csv_path, csv_target=args.csv_target, timezone=args.timezone)
-        for name, deployment_id in ids.items():
-            print(f"{name}  {deployment_id}")
-        return 0
+        return _deploy_command(args)
     try:
         cfg = _load(args)
     except ConfigError as exc:

@@ -34,7 +34,9 @@ class Plan:
     tags: list[str] = field(default_factory=list)
 
 
-def plans(csv_path: str = "/data/retrain.csv", csv_target: str = "label", timezone: str = TIMEZONE) -> list[Plan]:
+def plans(
+    csv_path: str = "/data/retrain.csv", csv_target: str = "label", timezone: str = TIMEZONE, gpu_slots: int = 1
+) -> list[Plan]:
     mnist = load_config("mnist", env={}).model_dump(mode="json")
     csv = load_config("csv", overrides=[f"data.path={csv_path}", f"data.target={csv_target}"], env={}).model_dump(mode="json")
     return [
@@ -45,7 +47,7 @@ def plans(csv_path: str = "/data/retrain.csv", csv_target: str = "label", timezo
         Plan("on-demand", "train", CPU_POOL, "Train once, with the parameters given in the UI.",
              parameters={"cfg": mnist}, tags=["manual"]),
         Plan(GPU_POOL, "train-step", GPU_POOL, "The training step alone, for parents with train_deployment set.",
-             concurrency_limit=1, tags=["gpu"]),
+             concurrency_limit=gpu_slots, tags=["gpu"]),
     ]  # fmt: skip
 
 
@@ -60,9 +62,10 @@ def _flow(kind: str):
 
 
 def ensure_pools(gpu_slots: int = 1) -> None:
-    """Create the `cpu` and `gpu` process pools when missing; the gpu pool runs `gpu_slots` flows at a time."""
+    """Create the `cpu` and `gpu` process pools when missing; the gpu pool runs `gpu_slots` flows at a
+    time (set again on a pool that exists, whatever its type: Kubernetes or Docker pools are kept)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
 
     with get_client(sync_client=True) as client:
@@ -70,15 +73,28 @@ def ensure_pools(gpu_slots: int = 1) -> None:
             try:
                 client.create_work_pool(WorkPoolCreate(name=name, type="process", concurrency_limit=limit))
             except ObjectAlreadyExists:
-                pass
+                if limit is not None:
+                    client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=limit))
 
 
-def deploy(work_dir: str | os.PathLike = ".", gpu_slots: int = 1, **plan_args: Any) -> dict[str, str]:
-    """Apply every plan; return deployment name -> id. `work_dir` is where workers find the code."""
+ENTRYPOINTS = {
+    # Workers load the train flow with retries (a retry resumes from the last checkpoint). Both are
+    # relative to work_dir, wherever `trainyard deploy` itself runs.
+    "train": "pipelines/flow.py:retrying_train_flow",
+    "train-step": "pipelines/remote.py:train_step_flow",
+}
+
+
+def deploy(work_dir: str | os.PathLike = ".", gpu_slots: int = 1, image: str = "", **plan_args: Any) -> dict[str, str]:
+    """Apply every plan; return deployment name -> id. `work_dir` is where workers find the code;
+    `image`, when given, is the container image of the flow runs (Kubernetes and Docker pools)."""
     work_dir = str(Path(work_dir).resolve())
     ensure_pools(gpu_slots)
+    job_variables: dict[str, Any] = {"working_dir": work_dir}
+    if image:
+        job_variables["image"] = image
     ids: dict[str, str] = {}
-    for plan in plans(**plan_args):
+    for plan in plans(gpu_slots=gpu_slots, **plan_args):
         flow = _flow(plan.flow)
         deployment = flow.to_deployment(
             name=plan.name,
@@ -87,12 +103,10 @@ def deploy(work_dir: str | os.PathLike = ".", gpu_slots: int = 1, **plan_args: A
             parameters=plan.parameters,
             enforce_parameter_schema=True,
             work_pool_name=plan.pool,
-            job_variables={"working_dir": work_dir},
+            job_variables=job_variables,
             concurrency_limit=plan.concurrency_limit,
             tags=plan.tags,
         )
-        if plan.flow == "train":
-            # Workers load the flow with retries (a retry resumes from the last checkpoint).
-            deployment.entrypoint = "pipelines/flow.py:retrying_train_flow"
+        deployment.entrypoint = ENTRYPOINTS[plan.flow]
         ids[f"{flow.name}/{plan.name}"] = str(deployment.apply(work_pool_name=plan.pool))
     return ids

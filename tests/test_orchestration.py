@@ -214,3 +214,41 @@ def _deployment_filter(deployment_id):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     return DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+
+
+def test_deploy_again_sets_the_gpu_slots_entrypoints_and_image(stack):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.deployments import deploy
+
+    with temporary_settings(updates={PREFECT_API_URL: stack["api"]}):
+        try:
+            deploy(REPO, gpu_slots=2, image="registry.example/trainyard-cuda:1", csv_path="/data/retrain.csv", csv_target="label")
+            with client_for(stack) as client:
+                assert client.read_work_pool("gpu").concurrency_limit == 2
+                step = client.read_deployment_by_name("trainyard-train-step/gpu")
+                assert step.entrypoint == "pipelines/remote.py:train_step_flow"  # not relative to where deploy ran
+                assert step.global_concurrency_limit.limit == 2
+                assert step.job_variables == {"working_dir": str(REPO), "image": "registry.example/trainyard-cuda:1"}
+                nightly = client.read_deployment_by_name("trainyard-train/nightly-mnist")
+                assert nightly.entrypoint == "pipelines/flow.py:retrying_train_flow"
+        finally:  # the other tests of this module use the stack as the fixture made it
+            deploy(REPO, gpu_slots=1, csv_path="/data/retrain.csv", csv_target="label")
+    with client_for(stack) as client:
+        assert client.read_work_pool("gpu").concurrency_limit == 1
+        assert "image" not in client.read_deployment_by_name("trainyard-train-step/gpu").job_variables
+
+
+def test_deploy_needs_a_reachable_server(capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.cli import main
+    from tests.services import free_port
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["deploy"]) == 2
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err
+    url = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        assert main(["deploy"]) == 1
+    assert f"trainyard deploy: the Prefect server at {url} is unreachable" in capsys.readouterr().err
