@@ -14,8 +14,10 @@ PREFECT_HOME, held until it answers (its migrations are done by then).
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +27,23 @@ from typing import IO
 
 PORTS = range(8000, 9000)
 PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
+PR_SET_PDEATHSIG = 1
+
+if sys.platform.startswith("linux"):
+    import ctypes
+
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+else:  # elsewhere the server is stopped at exit only
+    _prctl = None
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the server's process, before it runs: end with its parent (SIGTERM when the parent dies,
+    SIGKILL and crashes included), and exit at once if the parent is already gone."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def _free_port() -> int:
@@ -70,6 +89,9 @@ class EmbeddedPrefect:
             [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", "prefect.server.api.server:create_app",
              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL,
+            # Its own session: Ctrl-C in a terminal reaches this process only, which still needs the
+            # server to record the run's end; the server is stopped at exit, or dies with this process.
+            start_new_session=True, preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         )  # fmt: skip
 
     def start(self) -> "EmbeddedPrefect":

@@ -144,3 +144,47 @@ def test_the_command_exits_with_mains_status(argv, code):
         assert "optim:" in proc.stdout
     else:
         assert "give --preset NAME or --config FILE" in proc.stderr
+
+
+OWNER = """
+import sys, time
+from pathlib import Path
+from pipelines.embedded_prefect import EmbeddedPrefect
+home = Path(sys.argv[1])
+server = EmbeddedPrefect(home, {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}, timeout=180).start()
+print(server.process.pid, flush=True)
+server.wait()
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_the_real_server_has_its_own_session_and_dies_with_its_owner(tmp_path):
+    import os
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pid = int(owner.stdout.readline())
+        assert owner.stdout.readline().strip() == "up"
+        # Ctrl-C goes to the terminal's foreground process group: the server is not in it
+        assert os.getsid(pid) != os.getsid(owner.pid) and os.getpgid(pid) != os.getpgid(owner.pid)
+        owner.kill()  # no exit handler runs: only the parent-death signal can stop the server now
+        owner.wait()
+        deadline = time.monotonic() + 60
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _gone(pid), f"the embedded server {pid} outlived its owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
