@@ -211,8 +211,9 @@ def init_store(tracking_uri: str) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def artifact_location(tracking_uri: str) -> str | None:
-    """Where a new experiment of a SQLite tracking file keeps its artifacts: `mlruns/` beside the file.
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite tracking file keeps its artifacts: `mlruns/<experiment>/`
+    beside the file (its runs in `<run-id>/artifacts/`, its logged models in `models/`).
 
     MLflow's own default for a database store is `./mlruns` in the working directory of
     whichever process creates the experiment, so runs of one tracking file would scatter their
@@ -224,7 +225,7 @@ def artifact_location(tracking_uri: str) -> str | None:
         return None
     from pathlib import Path
 
-    return (Path(db).resolve().parent / "mlruns").as_uri()
+    return (Path(db).resolve().parent / "mlruns" / safe_name(experiment)).as_uri()
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
@@ -234,7 +235,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str,
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         try:
-            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location(tracking_uri))
+            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location(tracking_uri, experiment))
         except Exception:  # another run created it meanwhile
             exp = client.get_experiment_by_name(experiment)
             if exp is None:

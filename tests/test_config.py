@@ -60,9 +60,9 @@ def test_bad_choice_lists_valid_choices(override, names):
 
 
 def test_bad_values_fail_before_work():
-    with pytest.raises(ConfigError, match="train.epochs"):
+    with pytest.raises(ConfigError, match="train.epochs: Input should be greater than or equal to 1"):
         load_config("mnist", overrides=["train.epochs=0"])
-    with pytest.raises(ConfigError, match="optim.lr"):
+    with pytest.raises(ConfigError, match="optim.lr: Input should be greater than 0"):
         load_config("mnist", overrides=["optim.lr=-1"])
     with pytest.raises(ConfigError, match="schedule.lr_lambda"):
         load_config("mnist", overrides=["schedule.name=lambda", "schedule.lr_lambda=__import__('os')"])

@@ -60,7 +60,7 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home, tmp_path, monkeypatch):
     assert tags["prefect.flow_run_id"]
     assert tags["version.torch"].startswith("2.")
     # artifacts in MLflow
-    assert run.info.artifact_uri.startswith((state_home / "mlruns").as_uri() + "/")
+    assert run.info.artifact_uri == (state_home / "mlruns" / "trainyard" / run.info.run_id / "artifacts").as_uri()
     assert not any(workdir.iterdir())  # nothing of the run lands where it was started from
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "schema.json", "evaluation", "plots"} <= names

@@ -397,9 +397,13 @@ def test_quoted_newlines_in_a_file_larger_than_a_parser_block(tmp_path, state_ho
     ids=["duplicate-header", "ragged-row", "not-utf8"],
 )
 def test_a_gzipped_csv_gets_the_checks_and_positions_of_a_plain_one(tmp_path, state_home, text, fragments):
-    path = tmp_path / "data.csv.gz"
-    path.write_bytes(gzip.compress(text))
-    expect(tmp_path, state_home, cfg(path), *fragments)
+    import bz2
+    import lzma
+
+    for suffix, compress in ((".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)):
+        path = tmp_path / f"data.csv{suffix}"
+        path.write_bytes(compress(text))
+        expect(tmp_path, state_home, cfg(path), *fragments)
     (tmp_path / "plain.csv").write_bytes(text)  # the same messages as for the file uncompressed
     expect(tmp_path, state_home, cfg(tmp_path / "plain.csv"), *fragments)
 

@@ -130,7 +130,8 @@ def test_the_ui_form_schema(stack):
 
 @pytest.mark.parametrize(
     "section, key, value",
-    [("train", "epochs", 0), ("model", "name", "resnet"), ("optim", "lr", -1.0), ("train", "device", "tpu"), ("train", "bogus", 1)],
+    [("train", "epochs", 0), ("model", "name", "resnet"), ("optim", "name", "adamm"), ("optim", "lr", -1.0),
+     ("train", "device", "tpu"), ("train", "epoch", 5), ("train", "bogus", 1)],  # fmt: skip
 )
 def test_bad_parameters_are_refused_before_a_run(stack, section, key, value):
     from prefect.exceptions import PrefectHTTPStatusError
