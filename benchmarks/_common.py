@@ -26,9 +26,11 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU"
 
 
-def emit(name: str, *, baseline: Any, ratio: float | None, target: str, met: bool, **figures: Any) -> dict[str, Any]:
-    """One result line: name, figures, the baseline it was measured against in this run, ratio, target, met."""
-    line = {"name": name, **figures, "baseline": baseline, "ratio": _round(ratio), "target": target, "met": bool(met)}
+def emit(name: str, *, baseline: Any, ratio: float | None, target: str, met: bool | None, **figures: Any) -> dict[str, Any]:
+    """One result line: name, figures, the baseline it was measured against in this run, ratio, target, met
+    (None where the target does not apply to this run: a GPU target on the CPU, a size it is not meant for)."""
+    line = {"name": name, **figures, "baseline": baseline, "ratio": _round(ratio), "target": target,
+            "met": None if met is None else bool(met)}  # fmt: skip
     line.setdefault("machine", machine())
     print(json.dumps(line, default=str), flush=True)
     return line

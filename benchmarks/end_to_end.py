@@ -191,7 +191,7 @@ def main(argv=None) -> None:
          epochs=epochs, train_images=n_train, test_accuracy=summary.get("test_metrics", {}).get("test/accuracy"),
          baseline={"name": "plain loop, same model/epochs/data, training only; mean of a run before the flows and one after",
                    "seconds": round(plain, 2), "before_seconds": round(plain_before, 2), "after_seconds": round(plain_after, 2)},
-         ratio=ratio, met=ratio <= 1.10,
+         ratio=ratio, met=ratio <= 1.10 if applies else None,
          target="<= 1.10 on a run whose plain training takes >= 60 s"
          + ("" if applies else f" (this run's plain training took {plain:.1f} s: the target is not meant for it)"))  # fmt: skip
     overhead = flow_wall - flow_train
@@ -199,13 +199,15 @@ def main(argv=None) -> None:
          not_counted={"mlflow_database_created_seconds": round(db_seconds, 2)},
          includes="interpreter start, imports, embedded Prefect server, MLflow run, ingest, evaluation, TensorBoard, artifacts",
          baseline={"name": "flow wall time minus its own training seconds", "flow_wall_seconds": round(flow_wall, 2)},
-         ratio=overhead / 6.0, target="<= 6 s (ratio: overhead / 6 s)", met=overhead <= 6.0)  # fmt: skip
+         ratio=overhead / flow_wall, target="<= 6 s (ratio: the overhead's share of the flow's wall time)",
+         met=overhead <= 6.0)  # fmt: skip
     served_overhead = served_wall - float(served.get("train_seconds", float("nan")))
     emit("end_to_end.fixed_overhead_running_server", overhead_seconds=round(served_overhead, 2),
          flow_wall_seconds=round(served_wall, 2), flow_train_seconds=served.get("train_seconds"),
          includes="interpreter start, imports, MLflow run, ingest, evaluation, TensorBoard, artifacts (Prefect server already running)",
          baseline={"name": "flow wall time minus its own training seconds", "flow_wall_seconds": round(served_wall, 2)},
-         ratio=served_overhead / 2.0, target="<= 2 s (ratio: overhead / 2 s)", met=served_overhead <= 2.0)  # fmt: skip
+         ratio=served_overhead / served_wall, target="<= 2 s (ratio: the overhead's share of the flow's wall time)",
+         met=served_overhead <= 2.0)  # fmt: skip
 
 
 if __name__ == "__main__":

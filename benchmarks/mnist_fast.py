@@ -161,10 +161,11 @@ def main(argv=None) -> None:
         args.name, test_accuracy=round(acc, 5), train_seconds=round(secs, 4), call_seconds=round(statistics.mean(call_s), 4),
         per_seed={"accuracy": [round(a, 5) for a in accs], "train_seconds": [round(s, 4) for s in train_s]},
         seeds=args.seeds, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=str(device),
-        baseline=base or {"name": "targets of the issue", "accuracy": 0.993, "train_seconds": 0.5},
-        ratio=secs / (base["train_seconds"] if base else 0.5),
+        baseline=base or {"name": "none measured in this run (--no-baseline or --quick)"},
+        ratio=secs / base["train_seconds"] if base else None,
         target=">= 0.993 mean test accuracy and <= 0.5 s training on a GPU, faster than the plain loop (ratio: seconds / baseline seconds)",
-        met=acc >= 0.993 and secs <= 0.5 and device.type == "cuda" and (base is None or secs < base["train_seconds"]),
+        # judged only where it applies: on a GPU, against a plain loop measured in this run
+        met=(acc >= 0.993 and secs <= 0.5 and secs < base["train_seconds"]) if base and device.type == "cuda" else None,
     )  # fmt: skip
 
 

@@ -17,6 +17,19 @@ REAL_MNIST = Path(os.environ.get("TRAINYARD_REAL_MNIST") or REPO.parent / "share
 
 
 @pytest.fixture(autouse=True)
+def root_logging():
+    """Tests that call the CLI's main() configure logging (handlers on stderr, which pytest swaps
+    per test): each test leaves the root logger as it found it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
 def state_home(tmp_path, monkeypatch) -> Path:
     """Every test gets its own TRAINYARD_HOME, and no MLFLOW_TRACKING_URI from the outside."""
     home = tmp_path / "state"

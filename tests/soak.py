@@ -206,7 +206,9 @@ def main(argv=None) -> int:
                     faults=soak.events,
                     epochs_per_run=args.epochs,
                     wall_seconds=round(time.monotonic() - t0, 1),
-                    met=not report["lost"] and report["artifacts_bad"] == 0 and report["runs_completed"] == len(names),
+                    # the faults must have happened too: both kills (one per phase), each killed run resumed
+                    met=not report["lost"] and report["artifacts_bad"] == 0 and report["runs_completed"] == len(names)
+                    and len(soak.killed) == 2 and report["runs_resumed"] >= len(soak.killed),
                 )
                 print(json.dumps(report, indent=2))
                 return 0 if report["met"] else 1

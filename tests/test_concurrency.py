@@ -21,7 +21,13 @@ def test_four_runs_at_once_share_nothing_they_should_not(toy_csv, state_home, tm
         subprocess.Popen([*cli, "--set", f"train.seed={i}"], env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / f"err{i}", "w"), text=True)
         for i in range(4)
     ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:  # one that hangs must not leave the others running
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for i, p in enumerate(procs):
         assert p.returncode == 0, (tmp_path / f"err{i}").read_text()[-3000:]
     summaries = [json.loads(o) for o in outs]

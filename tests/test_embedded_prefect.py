@@ -52,13 +52,16 @@ def lock_is_free(home: Path) -> bool:
 
 def test_wait_returns_the_api_url_once_healthy_then_stop_ends_the_process(tmp_path):
     server = ScriptedServer(tmp_path, [HEALTHY]).start()
-    assert not lock_is_free(tmp_path)  # held while the server starts
-    url = server.wait()
-    assert url == f"http://127.0.0.1:{server.port}/api"
-    assert lock_is_free(tmp_path)
-    process = server.process
-    server.stop()
-    assert process.poll() is not None and server.process is None
+    try:
+        assert not lock_is_free(tmp_path)  # held while the server starts
+        url = server.wait()
+        assert url == f"http://127.0.0.1:{server.port}/api"
+        assert lock_is_free(tmp_path)
+        process = server.process
+        server.stop()
+        assert process.poll() is not None and server.process is None
+    finally:
+        server.stop()  # a failed check must not leave the stand-in serving
 
 
 def test_a_lost_port_is_retried_on_another_one(tmp_path):

@@ -1,7 +1,7 @@
 """The fast path: device-resident batches, per-batch preparation, fallback, the mnist-fast preset.
 
 On CPU the resident path is forced with train.gpu_resident=on and device cpu. Tests named
-test_gpu_* need CUDA and are skipped without it (benchmarks/gpu_check.sh selects them with -k gpu).
+test_gpu_* need CUDA and are skipped without it (benchmarks/gpu_check.sh runs this file on a GPU).
 No timing assertions here.
 """
 
@@ -192,9 +192,15 @@ def test_fused_only_on_cuda_and_not_over_explicit_kwargs():
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert not build_optimizer(params, OptimConfig(name="adam"), torch.device("cpu")).defaults.get("fused")
     assert not build_optimizer(params, OptimConfig(name="adam")).defaults.get("fused")
+    # for a CUDA device (the decision only; fused Adam also runs on CPU parameters): fused unless kwargs say otherwise
+    cuda = torch.device("cuda")
+    assert build_optimizer(params, OptimConfig(name="adam"), cuda).defaults["fused"] is True
+    assert build_optimizer(params, OptimConfig(name="adam", kwargs={"fused": False}), cuda).defaults["fused"] is False
+    assert not build_optimizer(params, OptimConfig(name="adam", kwargs={"foreach": True}), cuda).defaults.get("fused")
+    assert not build_optimizer(params, OptimConfig(name="rmsprop"), cuda).defaults.get("fused")  # no fused kernel
 
 
-# ---- on a CUDA device (benchmarks/gpu_check.sh runs these with -k gpu) ---------------------------
+# ---- on a CUDA device (benchmarks/gpu_check.sh runs these on a GPU) -------------------------------
 
 
 @needs_cuda
@@ -231,6 +237,7 @@ def test_gpu_step_loop_does_not_sync_per_step(resident, tmp_path):
 
     syncs(256)  # warm-up: first-use initialisation may sync
     few, many = syncs(256), syncs(16)  # 3 vs 45 steps
+    assert few > 0, "no sync warning caught at all: the once-per-epoch reads (.item()) should show"
     assert many <= few, (few, many)
 
 

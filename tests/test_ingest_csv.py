@@ -110,14 +110,16 @@ def test_missing_policy_drop(tmp_path, state_home):
 
 def test_unseen_category_outside_train_is_all_zeros(tmp_path, state_home):
     df = separable_frame(n=300)
-    df.loc[299, "colour"] = "violet"  # likely not in train; if it is, it is in the vocabulary
+    codes = df["label"].map({"no": 0, "yes": 1}).to_numpy()
+    _train, _val, test = split_indices(len(df), 0.1, 0.2, 0, stratify=codes)  # the ingest's own split
+    df.loc[int(test[0]), "colour"] = "violet"  # a value only a test row has
     prepared = load_prepared(ingest(cfg(write(tmp_path, df)), state_home)["path"])
     colour = prepared.schema["features"][2]
-    if "violet" not in colour["vocabulary"]:
-        assert colour["unseen_outside_train"] == 1
-        width = len(colour["vocabulary"])
-        x_all = torch.cat([prepared.tensors[f"x_{s}"] for s in ("val", "test")])
-        assert int((x_all[:, -width:].sum(1) == 0).sum()) == 1
+    assert "violet" not in colour["vocabulary"] and colour["unseen_outside_train"] == 1
+    width = len(colour["vocabulary"])  # columns: x1, x2, then colour's one-hot block, then id
+    x_all = torch.cat([prepared.tensors[f"x_{s}"] for s in ("val", "test")])
+    assert int((x_all[:, 2 : 2 + width].sum(1) == 0).sum()) == 1
+    assert torch.all(prepared.tensors["x_test"][0, 2 : 2 + width] == 0)  # the violet row, first of the test split
 
 
 # ---- bad input: each message names the file, the column and the row --------------------------

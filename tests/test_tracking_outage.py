@@ -20,7 +20,7 @@ def server_control(tmp_path):
     """An MLflow server on PostgreSQL that the test can stop and start again on the same port."""
     port = free_port()
     with postgres_database("trainyard_outage") as (backend, _):
-        ctl = {"port": port, "uri": f"http://127.0.0.1:{port}", "cm": None}
+        ctl = {"port": port, "uri": f"http://127.0.0.1:{port}", "cm": None, "timers": []}
 
         def start():
             ctl["cm"] = mlflow_server(backend, (tmp_path / "mlartifacts").as_uri(), "", tmp_path / "server.log", port=port)
@@ -36,6 +36,9 @@ def server_control(tmp_path):
         try:
             yield ctl
         finally:
+            for timer in ctl["timers"]:  # a restart still pending must not start a server after this
+                timer.cancel()
+                timer.join()
             stop()
 
 
@@ -47,7 +50,9 @@ def outage_at(monkeypatch, ctl, step: int, back_after: float | None):
         if step_ == step and "train/loss" in metrics:
             ctl["stop"]()
             if back_after is not None:
-                threading.Timer(back_after, ctl["start"]).start()
+                timer = threading.Timer(back_after, ctl["start"])
+                ctl["timers"].append(timer)
+                timer.start()
 
     monkeypatch.setattr(tracking.MlflowTracker, "log_metrics", log_metrics)
 

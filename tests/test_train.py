@@ -52,7 +52,10 @@ def test_every_optimizer_trains(name, tmp_path):
     lr = {"adadelta": 1.0, "lbfgs": 0.5, "sgd": 0.1, "asgd": 0.1, "rprop": 0.01}.get(name, 1e-2)
     result = run(blobs(n=300), tmp_path, optim=OptimConfig(name=name, lr=lr), epochs=2)
     assert len(result.history) == 2 and all(math.isfinite(h["train/loss"]) for h in result.history)
-    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"] * 1.5
+    # it learns: the loss falls (an optimizer whose step did nothing stays near 1.0x) and the
+    # validation accuracy is well above chance (1/3); the slowest here, adadelta and radam, reach 0.5x and 0.64
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"] * 0.8
+    assert result.history[-1]["val/accuracy"] > 0.5
 
 
 def test_optimizer_kwargs_are_passed_and_checked():
