@@ -220,8 +220,8 @@ class Batches:
         train = self.train
         if isinstance(train, ResidentBatcher):
             gens["order"] = train.generator
-        elif order_generator(train.loader) is not None:
-            gens["order"] = order_generator(train.loader)
+        elif (order := order_generator(train.loader)) is not None:
+            gens["order"] = order
         if train.prep is not None and train.prep.generator is not None:
             gens["augment"] = train.prep.generator
         return gens

@@ -159,11 +159,10 @@ def _read_error(path: Path, exc: Exception) -> DataError:
 
 def _read_whole(path: Path) -> pa.Table:
     """The whole file in one read, opened as pandas opens it (a compressed file is decompressed)."""
-    from pandas.io.common import get_handle
 
     def read(parse: pacsv.ParseOptions | None = None) -> pa.Table:
-        with get_handle(str(path), "rb", compression="infer", is_text=False) as handles:
-            table = pacsv.read_csv(handles.handle, parse_options=parse, convert_options=_convert_options())
+        with _decompressed(path) as f:
+            table = pacsv.read_csv(f, parse_options=parse, convert_options=_convert_options())
         table.column_names  # noqa: B018 - a header that is not UTF-8 fails here
         return table
 
