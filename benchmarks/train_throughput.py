@@ -6,7 +6,9 @@ the same synthetic uint8 28x28 images:
 
   trainyard   tasks.train.train_model with its defaults (resident batches on CUDA, bf16
               autocast, channels_last, fused Adam); its time includes the per-epoch
-              validation (a small split) and checkpoint writes
+              validation (a small split) and checkpoint writes. On CUDA also with
+              train.cuda_graph (the whole step replayed from one CUDA graph) and with
+              torch.compile(mode="reduce-overhead")
   plain       a hand-written loop in the GPU-resident style: normalised tensors on the device,
               randperm + slicing, bf16 autocast on CUDA, channels_last
   tutorial    a per-item Dataset normalising in __getitem__, DataLoader batch 64, fp32
@@ -51,9 +53,9 @@ def new_model(device, channels_last: bool):
 # ---- contenders -------------------------------------------------------------------------------------
 
 
-def run_trainyard(prepared, args, device, *, compile_mode: str | None = None) -> tuple[float, dict]:
+def run_trainyard(prepared, args, device, *, compile_mode: str | None = None, cuda_graph: bool = False) -> tuple[float, dict]:
     """images/s of train_model after a warm-up call; with compile, the steady-state epochs (2..E)."""
-    train = dict(epochs=args.epochs, batch_size=args.batch_size, device=device.type, progress="log")
+    train = dict(epochs=args.epochs, batch_size=args.batch_size, device=device.type, progress="log", cuda_graph=cuda_graph)
     if compile_mode:
         train.update(compile=True, compile_mode=compile_mode)
     warm = digits_prepared(min(args.batch_size * 20, args.n), args.n_val, seed=1)
@@ -262,6 +264,18 @@ def main(argv=None) -> None:
         emit("train_throughput.trainyard_vs_lightning", images_per_s=round(ty, 1), **common,
              baseline={"name": f"{pl_name} Trainer.fit", "images_per_s": round(lt, 1), "version": pl.__version__, **lt_info},
              ratio=ty / lt, target=">= 2.0x on a GPU" + gpu_note, met=ty / lt >= 2.0 if cuda else None)  # fmt: skip
+
+    if cuda:
+        try:
+            tg, tg_info = run_trainyard(prepared, args, device, cuda_graph=True)
+        except Exception as exc:  # report rather than stop: the other figures still count
+            note("train_throughput.trainyard_graph_vs_plain", skipped=f"train.cuda_graph failed: {type(exc).__name__}: {exc}")
+        else:
+            emit("train_throughput.trainyard_graph_vs_plain", images_per_s=round(tg, 1), trainyard=tg_info, **common,
+                 cuda_graph=True, baseline={"name": "plain GPU-resident loop", "images_per_s": round(plain, 1)},
+                 ratio=tg / plain, target=">= 1.0x (stretch 1.5x, with CUDA graphs)", met=tg / plain >= 1.0,
+                 stretch_met=tg / plain >= 1.5, eager_images_per_s=round(ty, 1),
+                 vs_lightning=round(tg / lt, 3) if pl is not None else None)  # fmt: skip
 
     if cuda and not args.no_compile:
         try:

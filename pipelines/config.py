@@ -287,6 +287,14 @@ class TrainSection(Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", title="Compile mode", description="torch.compile mode; reduce-overhead uses CUDA graphs."
     )
+    cuda_graph: bool = Field(
+        False,
+        title="CUDA graph step",
+        description="CUDA: record the whole training step (forward, backward, optimizer) once as a CUDA graph "
+        "and replay it for each full batch, for small models bound by kernel launches. Needs optim adam, adamw "
+        "or sgd, precision auto/bf16/fp32, compile off, and with onecycle cycle_momentum=false. Ignored with a "
+        "warning elsewhere.",
+    )
     checkpoint_every: int = Field(
         1, ge=0, le=10_000, title="Checkpoint every",
         description="Epochs between resume checkpoints (model, optimizer, scheduler, RNG states); 0: only at the end.",
@@ -414,12 +422,22 @@ class TrainConfig(Section):
                 f"train.grad_clip={self.train.grad_clip} is not applied with optim.name=lbfgs (its closure "
                 "steps many times); set it to 0 or pick another optimizer"
             )
+        if self.train.cuda_graph:
+            self._check_cuda_graph()
         if self.schedule.name == "lambda":  # every epoch this run reaches, not just a few
             try:
                 compile_lr_lambda(self.schedule.lr_lambda, self.train.epochs)
             except LambdaExpressionError as exc:
                 raise ValueError(f"schedule.lr_lambda (with train.epochs={self.train.epochs}): {exc}") from None
         return self
+
+    def _check_cuda_graph(self) -> None:
+        from tasks.graphstep import refusal
+
+        reason = refusal(self.optim.name, self.train.precision, self.train.compile, self.schedule.name,
+                         self.schedule.cycle_momentum)  # fmt: skip
+        if reason:
+            raise ValueError(reason)
 
     def flat(self) -> dict[str, Any]:
         """The config as `section.key` -> value, for MLflow params and TensorBoard hparams."""

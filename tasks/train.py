@@ -7,7 +7,8 @@ path returned.
 
 The hot path: batches come from tasks/batching.py (device-resident tensors when they fit,
 the DataLoader otherwise), bf16 autocast on CUDA, channels_last for conv nets, fused
-Adam/AdamW/SGD on CUDA, torch.compile when asked. Nothing in the step loop reads a value
+Adam/AdamW/SGD on CUDA, torch.compile or the whole step as one CUDA graph (tasks/graphstep.py)
+when asked. Nothing in the step loop reads a value
 back to the host: the loss is summed on the device and read once per epoch, which is
 also when the NaN check runs.
 """
@@ -87,11 +88,12 @@ def pick_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast_ctx(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast, or nothing for fp32; `cache=False` for steps recorded into a CUDA graph."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def seed_everything(seed: int) -> None:
@@ -367,6 +369,24 @@ def _cudagraph_step_marker(train_cfg, device: torch.device) -> Callable[[], None
     return lambda: None
 
 
+def _graphed_step(model, forward, loss_fn, optimizer, schema, device, precision, train_cfg):
+    """The CUDA-graph step of train.cuda_graph, or None where it does not apply (not on CUDA)."""
+    if not getattr(train_cfg, "cuda_graph", False):
+        return None
+    if device.type != "cuda":
+        log.warning("train.cuda_graph needs CUDA; training eagerly on %s", device.type)
+        return None
+    from tasks.graphstep import GraphedStep
+
+    def compute_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast_ctx(device, precision, cache=False):
+            out = _shape_output(forward(x), schema)
+        return loss_fn(out.float(), y)
+
+    log.info("train.cuda_graph: the training step is recorded once as a CUDA graph and replayed per batch")
+    return GraphedStep(model, compute_loss, optimizer, device, train_cfg.batch_size, train_cfg.grad_clip)
+
+
 def _progress(loader, epoch: int, epochs: int, mode: str):
     use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
     if not use_bar:
@@ -396,6 +416,12 @@ def train_model(
     """
     schema = prepared.schema
     out_dir = Path(out_dir)
+    if getattr(train_cfg, "cuda_graph", False):  # refused on any device, before any work
+        from tasks.graphstep import refusal
+
+        reason = refusal(optim_cfg.name, train_cfg.precision, train_cfg.compile, sched_cfg.name, sched_cfg.cycle_momentum)
+        if reason:
+            raise TrainingError(reason)
     seed_everything(train_cfg.seed)
     device = pick_device(train_cfg.device)
     precision = pick_precision(getattr(train_cfg, "precision", "auto"), device)
@@ -440,6 +466,7 @@ def train_model(
         source.set_rng_state(ck["batch_rng"])
         first_epoch = ck["epoch"] + 1
         log.info("resuming from %s after epoch %d", resume_from, ck["epoch"])
+    graphed = _graphed_step(model, forward, loss_fn, optimizer, schema, device, precision, train_cfg)
     log.info(
         "training %s on %s (%s) for %d epochs: %d train / %d val rows",
         model_cfg.name, device, precision, train_cfg.epochs, train_rows, val_rows,
@@ -448,13 +475,19 @@ def train_model(
     for epoch in range(first_epoch, train_cfg.epochs + 1):
         epoch_start = time.perf_counter()
         model.train()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = float(optimizer.param_groups[0]["lr"])  # a device tensor with train.cuda_graph
         total = torch.zeros((), device=device)  # summed on the device, read once per epoch
         first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, likewise
         seen = 0
         step = 0
         batches, bar = _progress(train_loader, epoch, train_cfg.epochs, train_cfg.progress)
+        if graphed is not None:
+            graphed.begin_epoch()
         for x, y in batches:  # already on the device, normalised, in the model's memory format
+            if graphed is not None:
+                graphed(x, y)
+                schedule.step_batch()
+                continue
             mark_step()
             if is_lbfgs:
 
@@ -484,8 +517,11 @@ def train_model(
             seen += y.shape[0]
         if bar is not None:
             bar.close()
-        train_loss = float(total.item() / max(seen, 1))
-        bad_step = int(first_bad.item())
+        if graphed is not None:
+            train_loss, bad_step, step = graphed.end_epoch()
+        else:
+            train_loss = float(total.item() / max(seen, 1))
+            bad_step = int(first_bad.item())
         if bad_step > 0 or not math.isfinite(train_loss):
             raise TrainingError(
                 f"training loss became {train_loss} in epoch {epoch} (first at step {bad_step} of {step}); "
@@ -529,6 +565,8 @@ def train_model(
         )  # fmt: skip
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+    if graphed is not None:
+        log.info("train.cuda_graph: %d steps replayed from the graph, %d eager", graphed.replays, graphed.eager_steps)
     return TrainResult(
         checkpoint=str(best_path),
         best_epoch=best_epoch,

@@ -218,13 +218,15 @@ def test_gpu_auto_is_resident_and_learns_in_bf16_with_fused_adam(tmp_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize("resident", ["on", "off"])
-def test_gpu_step_loop_does_not_sync_per_step(resident, tmp_path):
-    """Host syncs per run must not grow with the number of steps (they are per epoch)."""
+@pytest.mark.parametrize("resident, graph, sizes", [("on", False, (256, 16)), ("off", False, (256, 16)), ("on", True, (32, 16))])
+def test_gpu_step_loop_does_not_sync_per_step(resident, graph, sizes, tmp_path):
+    """Host syncs per run must not grow with the number of steps (they are per epoch). With
+    cuda_graph both sizes make enough steps to capture the graph (the capture synchronises, once)."""
     prepared = digits(1024)
 
     def syncs(batch_size):
-        cfg = TrainSection(epochs=1, batch_size=batch_size, device="cuda", gpu_resident=resident, shuffle=True)
+        cfg = TrainSection(epochs=1, batch_size=batch_size, device="cuda", gpu_resident=resident, shuffle=True,
+                           cuda_graph=graph)  # fmt: skip
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -235,8 +237,8 @@ def test_gpu_step_loop_does_not_sync_per_step(resident, tmp_path):
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
 
-    syncs(256)  # warm-up: first-use initialisation may sync
-    few, many = syncs(256), syncs(16)  # 3 vs 45 steps
+    syncs(sizes[0])  # warm-up: first-use initialisation may sync
+    few, many = syncs(sizes[0]), syncs(sizes[1])  # 3 (23 with the graph) vs 45 steps
     assert few > 0, "no sync warning caught at all: the once-per-epoch reads (.item()) should show"
     assert many <= few, (few, many)
 

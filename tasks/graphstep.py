@@ -1,0 +1,167 @@
+"""The whole training step as one CUDA graph (`train.cuda_graph`).
+
+A small network on a fast GPU is bound by kernel launches and Python, not by arithmetic: the
+mnist-fast CNN spends about 2.6 ms a step launching some fifty kernels whose work takes a
+fraction of that. Here the forward pass, the backward pass, gradient clipping, the optimizer
+step and the loss bookkeeping are recorded once into a CUDA graph and replayed for every full
+batch, one launch each. Batches are copied into the graph's static input tensors; a batch of
+another size (the last one of an epoch) runs eagerly on the same parameters and optimizer state.
+
+What makes the step capturable:
+- the learning rate lives in a device tensor. PyTorch's schedulers fill a tensor learning rate
+  in place, so they run as usual between replays; the optimizer (Adam, AdamW or SGD) reads it
+  on the device. Adam's betas and SGD's momentum are plain numbers baked into the graph, so
+  OneCycle's momentum cycling cannot apply (the config refuses it);
+- no GradScaler (fp16 is refused: its step keeps state in Python), no closure (LBFGS is refused), no torch.compile;
+- autocast without its weight cache; three eager warm-up steps on a side stream first, so that
+  the optimizer state and the libraries' workspaces exist before the capture.
+The loss sum, the step count and the first non-finite step are accumulated on the device, in
+the graph, and read once per epoch, as in the eager loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+WARMUP_STEPS = 3
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def refusal(optim: str, precision: str, compile: bool, schedule: str, cycle_momentum: bool) -> str:
+    """Why a run with these settings cannot record its step into a CUDA graph; "" when it can."""
+    if optim not in ("adam", "adamw", "sgd"):
+        return f"train.cuda_graph needs optim.name adam, adamw or sgd (a capturable step); got {optim!r}"
+    if precision == "fp16":
+        return "train.cuda_graph does not work with train.precision=fp16 (its GradScaler step is not recorded into a graph here); use bf16 or fp32"
+    if compile:
+        return (
+            "train.cuda_graph and train.compile exclude each other; for torch.compile's own CUDA graphs set "
+            "train.compile_mode=reduce-overhead and train.cuda_graph=false"
+        )
+    if schedule == "onecycle" and cycle_momentum:
+        return (
+            "train.cuda_graph cannot cycle the momentum (Adam's beta1 and SGD's momentum are fixed inside the "
+            "graph); set schedule.cycle_momentum=false"
+        )
+    return ""
+
+
+def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Put each group's learning rate in a one-element tensor on `device` (schedulers then fill it in
+    place) and mark the groups capturable where the optimizer has the option."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        if "capturable" in group and device.type == "cuda":
+            group["capturable"] = True
+
+
+class GraphedStep:
+    """Training steps on CUDA: eager warm-up, one capture, replays. Call it once per batch;
+    `begin_epoch` and `end_epoch` bracket an epoch's steps."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        compute_loss: LossFn,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        batch_size: int,
+        grad_clip: float = 0.0,
+    ):
+        self.model, self.compute_loss, self.optimizer = model, compute_loss, optimizer
+        self.device, self.batch_size, self.grad_clip = device, batch_size, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        tensor_learning_rates(optimizer, device)
+        self.total = torch.zeros((), device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.steps = torch.zeros((), dtype=torch.long, device=device)
+        self.seen = 0
+        self.warm = 0
+        self.replay: Callable[[], None] | None = None
+        self.static_x: torch.Tensor | None = None
+        self.static_y: torch.Tensor | None = None
+        self.replays = 0
+        self.eager_steps = 0
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def begin_epoch(self) -> None:
+        # in place: the graph holds these very tensors
+        self.total.zero_()
+        self.first_bad.fill_(-1)
+        self.steps.zero_()
+        self.seen = 0
+
+    def end_epoch(self) -> tuple[float, int, int]:
+        """(mean training loss, first non-finite step or -1, steps): the epoch's one read."""
+        total, first_bad, steps = (float(v) for v in torch.stack([self.total, self.first_bad.float(), self.steps.float()]).tolist())
+        return total / max(self.seen, 1), int(first_bad), int(steps)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def _body(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = self.compute_loss(x, y)
+        loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        loss = loss.detach()
+        self.steps += 1
+        self.first_bad.copy_(torch.where((self.first_bad < 0) & ~torch.isfinite(loss), self.steps, self.first_bad))
+        self.total += loss * y.shape[0]
+
+    @contextlib.contextmanager
+    def _side_stream(self) -> Iterator[None]:
+        """Warm-up steps run on a side stream, as PyTorch's CUDA graph notes ask."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _record(self, step: Callable[[], None]) -> Callable[[], None]:
+        """Record `step` into a CUDA graph without running it; return what replays it."""
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pin-memory thread may keep using CUDA during the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            step()
+        self.graph = graph  # kept alive with its memory pool
+        return graph.replay
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with warnings.catch_warnings():
+            # Adam warns once that capturable=True runs slower outside a graph: these steps are meant to.
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            if self.replay is None:
+                self.optimizer.zero_grad(set_to_none=True)
+                with self._side_stream():
+                    self._body(x, y)
+            else:
+                # The graph owns the gradient tensors: zero them in place, never drop them.
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.zero_()
+                self._body(x, y)
+        self.eager_steps += 1
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.seen += y.shape[0]
+        if x.shape[0] != self.batch_size or (self.replay is None and self.warm < WARMUP_STEPS):
+            self.warm += x.shape[0] == self.batch_size
+            self._eager(x, y)
+            return
+        if self.replay is None:
+            self.static_x, self.static_y = x.clone(), y.clone()
+            self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates them
+            self.replay = self._record(lambda: self._body(self.static_x, self.static_y))
+        else:
+            self.static_x.copy_(x)
+            self.static_y.copy_(y)
+        self.replay()
+        self.replays += 1
