@@ -435,7 +435,7 @@ class TrainConfig(Section):
         from tasks.graphstep import refusal
 
         reason = refusal(self.optim.name, self.train.precision, self.train.compile, self.schedule.name,
-                         self.schedule.cycle_momentum)  # fmt: skip
+                         self.schedule.cycle_momentum, self.optim.kwargs)  # fmt: skip
         if reason:
             raise ValueError(reason)
 

@@ -22,6 +22,7 @@ the graph, and read once per epoch, as in the eager loop.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from typing import Callable, Iterator
 
@@ -29,14 +30,24 @@ import torch
 from torch import nn
 
 WARMUP_STEPS = 3
+log = logging.getLogger("trainyard.train")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def refusal(optim: str, precision: str, compile: bool, schedule: str, cycle_momentum: bool) -> str:
+def refusal(optim: str, precision: str, compile: bool, schedule: str, cycle_momentum: bool, kwargs: dict | None = None) -> str:
     """Why a run with these settings cannot record its step into a CUDA graph; "" when it can."""
+    kwargs = kwargs or {}
     if optim not in ("adam", "adamw", "sgd"):
         return f"train.cuda_graph needs optim.name adam, adamw or sgd (a capturable step); got {optim!r}"
+    if kwargs.get("differentiable"):
+        return "train.cuda_graph does not work with optim.kwargs differentiable=true; remove it"
+    # SGD's only step that reads a tensor learning rate on the device is the fused one.
+    if optim == "sgd" and (kwargs.get("foreach") or kwargs.get("fused") is False):
+        return (
+            "train.cuda_graph with optim.name=sgd needs its fused step: remove foreach/fused=false from optim.kwargs "
+            "(the other SGD steps read the learning rate on the host)"
+        )
     if precision == "fp16":
         return "train.cuda_graph does not work with train.precision=fp16 (its GradScaler step is not recorded into a graph here); use bf16 or fp32"
     if compile:
@@ -52,6 +63,19 @@ def refusal(optim: str, precision: str, compile: bool, schedule: str, cycle_mome
     return ""
 
 
+def place_step_counters(optimizer: torch.optim.Optimizer) -> None:
+    """Fused and capturable optimizers keep their step counters as float32 beside the parameters;
+    move any that are elsewhere (a state loaded from a run that used neither)."""
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            step = state.get("step")
+            if isinstance(step, torch.Tensor) and step.device != p.device:
+                state["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
 def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     """Put each group's learning rate in a one-element tensor on `device` (schedulers then fill it in
     place) and mark the groups capturable where the optimizer has the option."""
@@ -59,6 +83,7 @@ def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device
         group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
         if "capturable" in group and device.type == "cuda":
             group["capturable"] = True
+    place_step_counters(optimizer)
 
 
 class GraphedStep:
@@ -84,10 +109,12 @@ class GraphedStep:
         self.seen = 0
         self.warm = 0
         self.replay: Callable[[], None] | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.static_x: torch.Tensor | None = None
         self.static_y: torch.Tensor | None = None
         self.replays = 0
         self.eager_steps = 0
+        self.failed = False  # the capture failed: every step runs eagerly
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -157,9 +184,21 @@ class GraphedStep:
             self._eager(x, y)
             return
         if self.replay is None:
+            if self.failed:
+                self._eager(x, y)
+                return
             self.static_x, self.static_y = x.clone(), y.clone()
             self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates them
-            self.replay = self._record(lambda: self._body(self.static_x, self.static_y))
+            try:
+                self.replay = self._record(lambda: self._body(self.static_x, self.static_y))
+            except Exception as exc:  # e.g. a model with an operation graphs cannot hold
+                log.warning("train.cuda_graph: the step could not be recorded (%s: %s); training eagerly",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+                self.failed = True
+                self.graph = None
+                self.optimizer.zero_grad(set_to_none=True)  # whatever the failed capture left
+                self._eager(x, y)
+                return
         else:
             self.static_x.copy_(x)
             self.static_y.copy_(y)

@@ -337,6 +337,19 @@ def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a saved optimizer state, keeping how this machine runs the step: the fused, foreach and
+    capturable flags stay those the optimizer was built with here (a checkpoint written on the CPU
+    would otherwise turn the fused CUDA kernels off), and the step counters move where they need."""
+    from tasks.graphstep import place_step_counters
+
+    flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, flags):
+        group.update(kept)
+    place_step_counters(optimizer)
+
+
 def load_resume_checkpoint(path: str | os.PathLike, expected: str) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -419,7 +432,8 @@ def train_model(
     if getattr(train_cfg, "cuda_graph", False):  # refused on any device, before any work
         from tasks.graphstep import refusal
 
-        reason = refusal(optim_cfg.name, train_cfg.precision, train_cfg.compile, sched_cfg.name, sched_cfg.cycle_momentum)
+        reason = refusal(optim_cfg.name, train_cfg.precision, train_cfg.compile, sched_cfg.name, sched_cfg.cycle_momentum,
+                         optim_cfg.kwargs)  # fmt: skip
         if reason:
             raise TrainingError(reason)
     seed_everything(train_cfg.seed)
@@ -457,7 +471,7 @@ def train_model(
     if resume_from is not None:
         ck = load_resume_checkpoint(resume_from, print_key)
         model.load_state_dict(ck["model_state"])
-        optimizer.load_state_dict(ck["optimizer_state"])
+        load_optimizer_state(optimizer, ck["optimizer_state"])
         if schedule.scheduler is not None:
             schedule.scheduler.load_state_dict(ck["scheduler_state"])
         scaler.load_state_dict(ck["scaler_state"])

@@ -11,6 +11,7 @@ this file on a GPU). No timing assertions here.
 import contextlib
 import io
 import logging
+import re
 
 import pytest
 import torch
@@ -112,6 +113,55 @@ def test_recorded_steps_train_as_the_eager_loop_does():
     assert isinstance(lr, torch.Tensor) and float(lr) == pytest.approx(float(sched.get_last_lr()[0]), rel=1e-6)
 
 
+class FailingCapture(RecordedStep):
+    def _record(self, step):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+
+def test_a_failed_capture_trains_on_eagerly_with_a_warning(caplog):
+    prepared = blobs()
+    eager, eager_losses = _eager_epochs(prepared)
+    model = _net()
+    optimizer, sched = _optim(model)
+    step = FailingCapture(model, lambda x, y: F.cross_entropy(model(x), y), optimizer, torch.device("cpu"), 64, 1.0)
+    losses = []
+    with caplog.at_level(logging.WARNING, logger="trainyard.train"):
+        for epoch in range(2):
+            step.begin_epoch()
+            for x, y in _batches(prepared, 64, epoch):
+                step(x, y)
+                sched.step()
+            losses.append(step.end_epoch()[0])
+    assert "the step could not be recorded (RuntimeError: operation not permitted when stream is capturing); training eagerly" in caplog.text
+    assert caplog.text.count("could not be recorded") == 1  # tried once, not at every step
+    assert step.replays == 0 and step.eager_steps == 14
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    for a, b in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_summary_line_parser_reads_the_counts():
+    line = "INFO trainyard.train: train.cuda_graph: 15 steps replayed from the graph, 6 eager"
+    assert _captured_counts(line) == (15, 6)
+
+
+def test_a_loaded_optimizer_state_keeps_the_fused_step_of_this_machine():
+    from tasks.train import load_optimizer_state
+
+    model = _net()
+    plain = torch.optim.Adam(model.parameters(), lr=1e-2)  # as built on a machine without fused kernels
+    model(torch.randn(8, 4)).sum().backward()
+    plain.step()
+    saved = plain.state_dict()
+    assert saved["param_groups"][0]["fused"] is None
+    fused = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)  # as build_optimizer does on CUDA
+    load_optimizer_state(fused, saved)
+    assert fused.param_groups[0]["fused"] is True
+    assert all(s["step"].dtype == torch.float32 and float(s["step"]) == 1.0 for s in fused.state.values())
+    fused.step()  # the fused kernel accepts the loaded state
+    assert all(float(s["step"]) == 2.0 for s in fused.state.values())
+
+
 def test_recorded_steps_name_the_first_non_finite_step():
     prepared = blobs()
     model = _net()
@@ -192,6 +242,18 @@ def test_settings_a_graph_cannot_hold_are_refused(section, key, value, message, 
         train_model(digits(200), cfg.model, parts["optim"], parts["schedule"], parts["train"], tmp_path)
 
 
+@pytest.mark.parametrize("kwargs", ["{foreach: true}", "{fused: false}", "{differentiable: true}"])
+def test_sgd_without_its_fused_step_is_refused(kwargs, tmp_path):
+    sets = ["train.cuda_graph=true", "optim.name=sgd", "optim.momentum=0.9", f"optim.kwargs={kwargs}"]
+    with pytest.raises(ConfigError, match=r"train\.cuda_graph (with optim\.name=sgd needs its fused step|does not work with optim\.kwargs differentiable)"):
+        load_config("mnist", overrides=sets)
+    cfg = load_config("mnist", overrides=["train.cuda_graph=true", "optim.name=sgd", "optim.momentum=0.9", "train.device=cpu"])
+    optim = cfg.optim.model_copy(update={"kwargs": {"foreach": True}})
+    with pytest.raises(TrainingError, match=r"needs its fused step"):
+        train_model(digits(200), cfg.model, optim, cfg.schedule, cfg.train, tmp_path)
+    assert load_config("mnist", overrides=sets[:3]).train.cuda_graph  # sgd's own fused step is fine
+
+
 def test_mnist_fast_with_the_graph_loads():
     cfg = load_config("mnist-fast", overrides=["train.cuda_graph=true", "schedule.cycle_momentum=false"])
     assert cfg.train.cuda_graph and not cfg.schedule.cycle_momentum
@@ -201,9 +263,9 @@ def test_mnist_fast_with_the_graph_loads():
 
 
 def _captured_counts(text: str) -> tuple[int, int]:
-    line = next(ln for ln in text.splitlines() if "steps replayed from the graph" in ln)
-    words = line.split("train.cuda_graph: ")[1].split()
-    return int(words[0]), int(words[5])
+    found = re.search(r"train\.cuda_graph: (\d+) steps replayed from the graph, (\d+) eager", text)
+    assert found, "no summary line of the graphed steps in the log"
+    return int(found[1]), int(found[2])
 
 
 @needs_cuda
