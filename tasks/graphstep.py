@@ -12,7 +12,8 @@ What makes the step capturable:
   in place, so they run as usual between replays; the optimizer (Adam, AdamW or SGD) reads it
   on the device. Adam's betas and SGD's momentum are plain numbers baked into the graph, so
   OneCycle's momentum cycling cannot apply (the config refuses it);
-- no GradScaler (fp16 is refused: its step keeps state in Python), no closure (LBFGS is refused), no torch.compile;
+- no GradScaler (fp16 is refused: its step keeps state in Python), no closure (LBFGS is
+  refused), no torch.compile;
 - autocast without its weight cache; three eager warm-up steps on a side stream first, so that
   the optimizer state and the libraries' workspaces exist before the capture.
 The loss sum, the step count and the first non-finite step are accumulated on the device, in
@@ -35,7 +36,9 @@ log = logging.getLogger("trainyard.train")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def refusal(optim: str, precision: str, compile: bool, schedule: str, cycle_momentum: bool, kwargs: dict | None = None) -> str:
+def refusal(
+    optim: str, precision: str, compile: bool, schedule: str, cycle_momentum: bool, kwargs: dict | None = None
+) -> str:
     """Why a run with these settings cannot record its step into a CUDA graph; "" when it can."""
     kwargs = kwargs or {}
     if optim not in ("adam", "adamw", "sgd"):
@@ -49,7 +52,10 @@ def refusal(optim: str, precision: str, compile: bool, schedule: str, cycle_mome
             "(the other SGD steps read the learning rate on the host)"
         )
     if precision == "fp16":
-        return "train.cuda_graph does not work with train.precision=fp16 (its GradScaler step is not recorded into a graph here); use bf16 or fp32"
+        return (
+            "train.cuda_graph does not work with train.precision=fp16 (its GradScaler step is not recorded into "
+            "a graph here); use bf16 or fp32"
+        )
     if compile:
         return (
             "train.cuda_graph and train.compile exclude each other; for torch.compile's own CUDA graphs set "
@@ -127,7 +133,7 @@ class GraphedStep:
 
     def end_epoch(self) -> tuple[float, int, int]:
         """(mean training loss, first non-finite step or -1, steps): the epoch's one read."""
-        total, first_bad, steps = (float(v) for v in torch.stack([self.total, self.first_bad.float(), self.steps.float()]).tolist())
+        total, first_bad, steps = torch.stack([self.total, self.first_bad.float(), self.steps.float()]).tolist()
         return total / max(self.seen, 1), int(first_bad), int(steps)
 
     # -- the step -------------------------------------------------------------------------------
