@@ -116,6 +116,7 @@ class GraphedStep:
         self.warm = 0
         self.replay: Callable[[], None] | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.side: torch.cuda.Stream | None = None
         self.static_x: torch.Tensor | None = None
         self.static_y: torch.Tensor | None = None
         self.replays = 0
@@ -152,7 +153,9 @@ class GraphedStep:
     @contextlib.contextmanager
     def _side_stream(self) -> Iterator[None]:
         """Warm-up steps run on a side stream, as PyTorch's CUDA graph notes ask."""
-        side = torch.cuda.Stream(self.device)
+        if self.side is None:  # one stream for every warm-up step, as in PyTorch's example
+            self.side = torch.cuda.Stream(self.device)
+        side = self.side
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             yield
