@@ -68,8 +68,10 @@ def download(root: Path) -> None:
             MNIST(str(root), train=True, download=True)
     except Exception as exc:  # URLError, socket timeouts, HTTP errors, checksum failures
         missing = tuple(n for n in TRAIN_FILES + TEST_FILES if find_file(root, n) is None)
+        # torchvision's reason spans lines (one per mirror tried): one line here, as every error of ours
+        reason = " ".join(str(exc).split())
         raise MnistUnavailableError(
-            _missing_message(root, missing or TRAIN_FILES + TEST_FILES, f"download failed: {type(exc).__name__}: {exc}")
+            _missing_message(root, missing or TRAIN_FILES + TEST_FILES, f"download failed: {type(exc).__name__}: {reason}")
         ) from None
 
 

@@ -54,15 +54,19 @@ def test_offline_without_download_says_what_to_put_where(tmp_path, state_home):
 def test_failed_download_is_a_clear_error(tmp_path, state_home, monkeypatch):
     import torchvision.datasets
 
-    class Offline:
+    class Offline:  # as torchvision reports it: a line per mirror tried
         def __init__(self, *a, **kw):
-            raise OSError("[Errno -3] Temporary failure in name resolution")
+            raise RuntimeError(
+                "Error downloading train-images-idx3-ubyte.gz:\nTried https://ossci-datasets.s3.amazonaws.com/mnist/, "
+                "got:\n<urlopen error [Errno -3] Temporary failure in name resolution>\n"
+            )
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
     with pytest.raises(MnistUnavailableError) as err:
         ingest(DataConfig(root=str(tmp_path / "dl")), state_home)
     msg = str(err.value)
     assert "download failed" in msg and "name resolution" in msg and "MNIST/raw" in msg
+    assert "\n" not in msg and "got: <urlopen error" in msg  # one line, however many torchvision wrote
 
 
 def test_download_is_only_tried_when_files_are_missing(mnist_root, state_home, monkeypatch):
