@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import sys
@@ -98,3 +99,32 @@ def digits_prepared(n_train: int, n_val: int, seed: int = 0):
         "normalize": {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]},
     }  # fmt: skip
     return Prepared(tensors, schema)
+
+
+class GraphLog(logging.Handler):
+    """Keeps train_model's train.cuda_graph lines (how many steps the graph replayed, or why it could not)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("train.cuda_graph:"):
+            self.lines.append(message)
+        if record.levelno >= logging.WARNING:  # warnings still reach the console
+            logging.getLogger().handle(record)
+
+    def __enter__(self) -> "GraphLog":
+        # train_model's INFO lines reach this handler only; the console keeps its WARNING level
+        self.logger = logging.getLogger("trainyard.train")
+        self.saved = self.logger.level, self.logger.propagate
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]

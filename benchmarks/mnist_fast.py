@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, emit, note, sync
+from _common import REPO, GraphLog, emit, note, sync
 
 import torch
 
@@ -139,12 +139,14 @@ def main(argv=None) -> None:
 
         warm = cfg.train.model_copy(update={"epochs": 1})
         train_model(prepared, cfg.model, cfg.optim, cfg.schedule, warm, Path(tmp) / "warm")
-        accs, train_s, call_s = [], [], []
+        accs, train_s, call_s, graph_lines = [], [], [], []
         for seed in range(args.seeds):
             tc = cfg.train.model_copy(update={"seed": seed})
             sync(device)
             t = time.perf_counter()
-            result = train_model(prepared, cfg.model, cfg.optim, cfg.schedule, tc, Path(tmp) / f"s{seed}")
+            with GraphLog() as graph_log:  # with train.cuda_graph: replays, or why the capture failed
+                result = train_model(prepared, cfg.model, cfg.optim, cfg.schedule, tc, Path(tmp) / f"s{seed}")
+            graph_lines += graph_log.lines
             sync(device)
             call_s.append(time.perf_counter() - t)
             train_s.append(result.seconds)
@@ -161,6 +163,7 @@ def main(argv=None) -> None:
         args.name, test_accuracy=round(acc, 5), train_seconds=round(secs, 4), call_seconds=round(statistics.mean(call_s), 4),
         per_seed={"accuracy": [round(a, 5) for a in accs], "train_seconds": [round(s, 4) for s in train_s]},
         seeds=args.seeds, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=str(device),
+        **({"graph_log": graph_lines} if cfg.train.cuda_graph else {}),
         baseline=base or {"name": "none measured in this run (--no-baseline or --quick)"},
         ratio=secs / base["train_seconds"] if base else None,
         target=">= 0.993 mean test accuracy and <= 0.5 s training on a GPU, faster than the plain loop (ratio: seconds / baseline seconds)",

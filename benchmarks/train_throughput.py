@@ -26,7 +26,7 @@ import os
 import tempfile
 import time
 
-from _common import Timer, digits_prepared, emit, note, sync
+from _common import GraphLog, Timer, digits_prepared, emit, note, sync
 
 import torch
 import torch.nn.functional as F
@@ -267,7 +267,9 @@ def main(argv=None) -> None:
 
     if cuda:
         try:
-            tg, tg_info = run_trainyard(prepared, args, device, cuda_graph=True)
+            with GraphLog() as graph_log:
+                tg, tg_info = run_trainyard(prepared, args, device, cuda_graph=True)
+            tg_info["graph_log"] = graph_log.lines  # replays and eager steps; a failed capture says so here
         except Exception as exc:  # report rather than stop: the other figures still count
             note("train_throughput.trainyard_graph_vs_plain", skipped=f"train.cuda_graph failed: {type(exc).__name__}: {exc}")
         else:
