@@ -200,6 +200,21 @@ def test_fused_only_on_cuda_and_not_over_explicit_kwargs():
     assert not build_optimizer(params, OptimConfig(name="rmsprop"), cuda).defaults.get("fused")  # no fused kernel
 
 
+def test_precision_is_decided_once_by_device(caplog):
+    from tasks.train import autocast_ctx, pick_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed to decide
+    assert pick_precision("auto", cuda) == "bf16" and pick_precision("auto", cpu) == "fp32"
+    assert pick_precision("fp16", cuda) == "fp16" and pick_precision("fp32", cuda) == "fp32"
+    with caplog.at_level("WARNING", logger="trainyard.train"):
+        assert pick_precision("bf16", cpu) == "fp32" and pick_precision("fp16", cpu) == "fp32"
+    assert "train.precision=bf16 needs CUDA; training in fp32 on cpu" in caplog.text
+    assert "train.precision=fp16 needs CUDA" in caplog.text
+    ctx = autocast_ctx(cpu, "fp32")
+    assert not isinstance(ctx, torch.autocast)
+    assert isinstance(autocast_ctx(cpu, "bf16"), torch.autocast)
+
+
 # ---- on a CUDA device (benchmarks/gpu_check.sh runs these on a GPU) -------------------------------
 
 
@@ -241,6 +256,17 @@ def test_gpu_step_loop_does_not_sync_per_step(resident, graph, sizes, tmp_path):
     few, many = syncs(sizes[0]), syncs(sizes[1])  # 3 (23 with the graph) vs 45 steps
     assert few > 0, "no sync warning caught at all: the once-per-epoch reads (.item()) should show"
     assert many <= few, (few, many)
+
+
+@needs_cuda
+def test_gpu_fp16_trains_with_a_grad_scaler(tmp_path):
+    prepared = digits(1200)
+    cfg = TrainSection(epochs=3, batch_size=64, device="cuda", precision="fp16")
+    result = train_model(prepared, cnn_cfg(), OptimConfig(name="adam", lr=3e-3), ScheduleConfig(), cfg, tmp_path / "c")
+    assert result.precision == "fp16"
+    assert result.history[-1]["val/accuracy"] > 0.55  # as the bf16 test asks
+    ck = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+    assert ck["scaler_state"]["scale"] > 0  # the GradScaler ran and is saved for a resume
 
 
 @needs_cuda
