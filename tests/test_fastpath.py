@@ -200,6 +200,26 @@ def test_fused_only_on_cuda_and_not_over_explicit_kwargs():
     assert not build_optimizer(params, OptimConfig(name="rmsprop"), cuda).defaults.get("fused")  # no fused kernel
 
 
+@pytest.mark.parametrize("resident", ["on", "off"])
+def test_conv_batches_come_in_channels_last_when_asked(resident):
+    from tasks.train import is_conv
+    from models import build_model
+
+    prepared = digits(300)  # three channels: with one, both layouts have the same strides
+    for k in ("x_train", "x_val", "x_test"):
+        prepared.tensors[k] = prepared.tensors[k].repeat(1, 3, 1, 1)
+    prepared.schema.update(input_shape=[3, 28, 28], normalize={"scale": 1 / 255, "mean": [0.1] * 3, "std": [0.3] * 3})
+    for channels_last in (True, False):
+        batches = make_batches(prepared, TrainSection(batch_size=32, gpu_resident=resident), torch.device("cpu"),
+                               channels_last=channels_last)  # fmt: skip
+        x, _ = next(iter(batches.train))
+        assert x.shape == (32, 3, 28, 28)
+        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert (x.stride(1) == 1) is channels_last, x.stride()
+    assert is_conv(build_model("cnn", prepared.schema, cnn_cfg()))
+    assert not is_conv(build_model("mlp", prepared.schema, ModelConfig(name="mlp", hidden=[8])))
+
+
 def test_precision_is_decided_once_by_device(caplog):
     from tasks.train import autocast_ctx, pick_precision
 
