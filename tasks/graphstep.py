@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -98,16 +98,16 @@ class GraphedStep:
 
     def __init__(
         self,
-        model: nn.Module,
+        parameters: Iterable[nn.Parameter],
         compute_loss: LossFn,
         optimizer: torch.optim.Optimizer,
         device: torch.device,
         batch_size: int,
         grad_clip: float = 0.0,
     ):
-        self.model, self.compute_loss, self.optimizer = model, compute_loss, optimizer
+        self.compute_loss, self.optimizer = compute_loss, optimizer
         self.device, self.batch_size, self.grad_clip = device, batch_size, grad_clip
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in parameters if p.requires_grad]
         tensor_learning_rates(optimizer, device)
         self.total = torch.zeros((), device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -188,14 +188,11 @@ class GraphedStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.seen += y.shape[0]
-        if x.shape[0] != self.batch_size or (self.replay is None and self.warm < WARMUP_STEPS):
+        if self.failed or x.shape[0] != self.batch_size or (self.replay is None and self.warm < WARMUP_STEPS):
             self.warm += x.shape[0] == self.batch_size
             self._eager(x, y)
             return
         if self.replay is None:
-            if self.failed:
-                self._eager(x, y)
-                return
             self.static_x, self.static_y = x.clone(), y.clone()
             self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates them
             try:

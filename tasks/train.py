@@ -228,6 +228,14 @@ def _shape_output(out: torch.Tensor, schema: dict[str, Any]) -> torch.Tensor:
     return out.squeeze(-1) if schema["output_size"] == 1 else out
 
 
+def batch_loss(forward, loss_fn, schema, device, precision, x: torch.Tensor, y: torch.Tensor, cache: bool = True) -> torch.Tensor:
+    """One batch's training loss: the forward pass under autocast, the loss in float32 (`cache=False`
+    for a step recorded into a CUDA graph)."""
+    with autocast_ctx(device, precision, cache=cache):
+        out = _shape_output(forward(x), schema)
+    return loss_fn(out.float(), y)
+
+
 def is_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
@@ -389,15 +397,13 @@ def _graphed_step(model, forward, loss_fn, optimizer, schema, device, precision,
     if device.type != "cuda":
         log.warning("train.cuda_graph needs CUDA; training eagerly on %s", device.type)
         return None
+    import functools
+
     from tasks.graphstep import GraphedStep
 
-    def compute_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast_ctx(device, precision, cache=False):
-            out = _shape_output(forward(x), schema)
-        return loss_fn(out.float(), y)
-
+    compute_loss = functools.partial(batch_loss, forward, loss_fn, schema, device, precision, cache=False)
     log.info("train.cuda_graph: the training step is recorded once as a CUDA graph and replayed per batch")
-    return GraphedStep(model, compute_loss, optimizer, device, train_cfg.batch_size, train_cfg.grad_clip)
+    return GraphedStep(model.parameters(), compute_loss, optimizer, device, train_cfg.batch_size, train_cfg.grad_clip)
 
 
 def _progress(loader, epoch: int, epochs: int, mode: str):
@@ -514,9 +520,7 @@ def train_model(
                 loss = optimizer.step(closure)
             else:
                 optimizer.zero_grad(set_to_none=True)
-                with autocast_ctx(device, precision):
-                    out = _shape_output(forward(x), schema)
-                loss = loss_fn(out.float(), y)
+                loss = batch_loss(forward, loss_fn, schema, device, precision, x, y)
                 scaler.scale(loss).backward()
                 if train_cfg.grad_clip:
                     scaler.unscale_(optimizer)

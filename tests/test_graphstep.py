@@ -82,7 +82,7 @@ def _eager_epochs(prepared, epochs=2, batch_size=64, clip=1.0):
 
 
 def _graphed(model, optimizer, batch_size=64, clip=1.0):
-    return RecordedStep(model, lambda x, y: F.cross_entropy(model(x), y), optimizer, torch.device("cpu"), batch_size, clip)
+    return RecordedStep(model.parameters(), lambda x, y: F.cross_entropy(model(x), y), optimizer, torch.device("cpu"), batch_size, clip)
 
 
 def test_recorded_steps_train_as_the_eager_loop_does():
@@ -123,7 +123,7 @@ def test_a_failed_capture_trains_on_eagerly_with_a_warning(caplog):
     eager, eager_losses = _eager_epochs(prepared)
     model = _net()
     optimizer, sched = _optim(model)
-    step = FailingCapture(model, lambda x, y: F.cross_entropy(model(x), y), optimizer, torch.device("cpu"), 64, 1.0)
+    step = FailingCapture(model.parameters(), lambda x, y: F.cross_entropy(model(x), y), optimizer, torch.device("cpu"), 64, 1.0)
     losses = []
     with caplog.at_level(logging.WARNING, logger="trainyard.train"):
         for epoch in range(2):
