@@ -77,7 +77,7 @@ import time
 from pipelines.config import load_config, resolve_tracking_uri
 from tasks.tracking import init_store
 t = time.perf_counter()
-init_store(resolve_tracking_uri(load_config("mnist")))
+init_store(resolve_tracking_uri(load_config("mnist").tracking.uri))
 print(time.perf_counter() - t)
 """
 

@@ -1,6 +1,6 @@
-"""Model architectures and the registry that builds them by name."""
+"""Model architectures: the catalogue (models/config.py) and the registry that builds them by name."""
 
-from models import cnn, linear, mlp  # noqa: F401  (each module registers its builder)
-from models.registry import ModelError, available, build_model
+from models.registry import available, build_model
+from tasks.errors import ModelError
 
 __all__ = ["ModelError", "available", "build_model"]

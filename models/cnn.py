@@ -9,11 +9,13 @@ conv stack and the head. With `channels=[32, 64]`, `padding=valid`, `pool=last`,
 from torch import nn
 
 from models.mlp import mlp_layers
-from models.registry import ModelError, activation, register
+from models.config import ModelConfig
+from models.registry import activation
+from tasks.errors import ModelError
 
 
-def _kernel_sizes(cfg) -> list[int]:
-    sizes = list(getattr(cfg, "kernel_sizes", None) or [])
+def _kernel_sizes(cfg: ModelConfig) -> list[int]:
+    sizes = list(cfg.kernel_sizes)
     if not sizes:
         return [cfg.kernel_size] * len(cfg.channels)
     if len(sizes) != len(cfg.channels):
@@ -24,16 +26,15 @@ def _kernel_sizes(cfg) -> list[int]:
     return sizes
 
 
-@register("cnn")
-def build_cnn(input_shape: list[int], output_size: int, cfg) -> nn.Module:
+def build_cnn(input_shape: list[int], output_size: int, cfg: ModelConfig) -> nn.Module:
     if len(input_shape) != 3:
         raise ModelError(
             f"model 'cnn' needs image inputs shaped CxHxW; this dataset's inputs are shaped {input_shape} "
             f"(use 'mlp' or 'linear' for tables)"
         )
     channels, height, width = input_shape
-    valid = getattr(cfg, "padding", "same") == "valid"
-    pool_each = getattr(cfg, "pool", "each") == "each"
+    valid = cfg.padding == "valid"
+    pool_each = cfg.pool == "each"
     kernels = _kernel_sizes(cfg)
     blocks: list[nn.Module] = []
     for i, (out_channels, k) in enumerate(zip(cfg.channels, kernels)):
@@ -52,8 +53,7 @@ def build_cnn(input_shape: list[int], output_size: int, cfg) -> nn.Module:
             blocks.append(nn.MaxPool2d(2))
             height, width = height // 2, width // 2
         channels = out_channels
-    conv_dropout = getattr(cfg, "conv_dropout", 0.0)
-    if conv_dropout > 0:
-        blocks.append(nn.Dropout(conv_dropout))
+    if cfg.conv_dropout > 0:
+        blocks.append(nn.Dropout(cfg.conv_dropout))
     head = mlp_layers(channels * height * width, list(cfg.hidden), output_size, cfg.activation, cfg.dropout)
     return nn.Sequential(*blocks, nn.Flatten(), *head)

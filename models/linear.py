@@ -2,9 +2,9 @@
 
 from torch import nn
 
-from models.registry import flat_size, register
+from models.config import ModelConfig
+from models.registry import flat_size
 
 
-@register("linear")
-def build_linear(input_shape: list[int], output_size: int, cfg) -> nn.Module:
+def build_linear(input_shape: list[int], output_size: int, cfg: ModelConfig) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(flat_size(input_shape), output_size))

@@ -2,7 +2,8 @@
 
 from torch import nn
 
-from models.registry import activation, flat_size, register
+from models.config import ModelConfig
+from models.registry import activation, flat_size
 
 
 def mlp_layers(in_features: int, hidden: list[int], output_size: int, act: str, dropout: float) -> list[nn.Module]:
@@ -17,8 +18,7 @@ def mlp_layers(in_features: int, hidden: list[int], output_size: int, act: str, 
     return layers
 
 
-@register("mlp")
-def build_mlp(input_shape: list[int], output_size: int, cfg) -> nn.Module:
+def build_mlp(input_shape: list[int], output_size: int, cfg: ModelConfig) -> nn.Module:
     return nn.Sequential(
         nn.Flatten(), *mlp_layers(flat_size(input_shape), list(cfg.hidden), output_size, cfg.activation, cfg.dropout)
     )

@@ -1,43 +1,36 @@
-"""Build models by name. Input and output sizes come from the dataset's schema.
+"""Build models by name from the catalogue in models/config.py. Input and output sizes come
+from the dataset's schema; the model section's keys from the config.
 
-Nothing here moves a model to a device: the train task decides device and precision.
+Nothing here moves a model to a device: the train stage decides device and precision
+(tasks/runtime.py `place_model`).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-Builder = Callable[[list[int], int, Any], nn.Module]
-_REGISTRY: dict[str, Builder] = {}
-
-
-class ModelError(ValueError):
-    pass
-
-
-def register(name: str) -> Callable[[Builder], Builder]:
-    def wrap(fn: Builder) -> Builder:
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
+from models.config import ACTIVATIONS, MODELS, ModelConfig
+from tasks.errors import ModelError
 
 
 def available() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(MODELS)
 
 
-def build_model(name: str, schema: dict[str, Any], cfg: Any) -> nn.Module:
+def build_model(name: str, schema: dict[str, Any], cfg: ModelConfig) -> nn.Module:
     """`schema` supplies input_shape and output_size; `cfg` is the model config section."""
-    if name not in _REGISTRY:
+    if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; valid models: {', '.join(available())}")
-    return _REGISTRY[name](list(schema["input_shape"]), int(schema["output_size"]), cfg)
+    module, _, function = MODELS[name].builder.partition(":")
+    builder = getattr(importlib.import_module(module), function)
+    return builder(list(schema["input_shape"]), int(schema["output_size"]), cfg)
 
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
+_ACTIVATION_CLASSES: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "tanh": nn.Tanh,
@@ -46,12 +39,13 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "elu": nn.ELU,
 }
+assert tuple(_ACTIVATION_CLASSES) == ACTIVATIONS, "models/config.py ACTIVATIONS and the classes here differ"
 
 
 def activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ModelError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}")
-    return ACTIVATIONS[name]()
+    if name not in _ACTIVATION_CLASSES:
+        raise ModelError(f"unknown activation {name!r}; valid: {', '.join(sorted(_ACTIVATION_CLASSES))}")
+    return _ACTIVATION_CLASSES[name]()
 
 
 def flat_size(shape: list[int]) -> int:

@@ -86,7 +86,7 @@ def _registry_command(args) -> int:
     from pipelines import inspect_runs as ir
     from tasks import tracking
 
-    uri = ir.default_tracking_uri(args.tracking_uri)
+    uri = resolve_tracking_uri(args.tracking_uri)
     tracking.configure_mlflow_client()  # an unreachable server fails in seconds, not after MLflow's minutes of retries
     db = tracking.sqlite_path(uri)
     if db and not os.path.isfile(db):  # reading must not create an empty tracking database
@@ -216,7 +216,7 @@ def _import_flow(cfg: TrainConfig):
     import torchmetrics.functional  # noqa: F401
     from mlflow.store.db.db_types import DATABASE_ENGINES
 
-    if resolve_tracking_uri(cfg).split(":", 1)[0].split("+", 1)[0] in DATABASE_ENGINES:
+    if resolve_tracking_uri(cfg.tracking.uri).split(":", 1)[0].split("+", 1)[0] in DATABASE_ENGINES:
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     return train_flow
 

@@ -74,7 +74,7 @@ def train_flow(
             with the configured run name, or of this flow run (a retry), is continued.
     """
     state = state_dir()
-    tracking_uri = resolve_tracking_uri(cfg)
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     storage_uri = resolve_storage_uri(cfg)
     tracking.configure_mlflow_client()
     preflight_task(cfg, tracking_uri, storage_uri)

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from pipelines.config import state_dir
 from tasks import champion
 
 KEY_PARAMS = ("data.source", "model.name", "optim.name", "optim.lr", "schedule.name", "train.epochs", "train.batch_size")
 KEY_METRICS = ("test/accuracy", "test/f1_macro", "test/mse", "test/r2", "test/loss")
-
-
-def default_tracking_uri(explicit: str = "") -> str:
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
 
 
 def latest_runs(tracking_uri: str, experiment: str, limit: int = 10) -> list[dict[str, Any]]:

@@ -21,14 +21,11 @@ from prefect.deployments import run_deployment
 from pipelines import steps
 from pipelines.config import TrainConfig, state_dir
 from tasks import tracking
+from tasks.errors import RemoteTrainingError
 from tasks.ingest import fetch_prepared
 
 TRAIN_STEP_FLOW = "trainyard-train-step"
 log = logging.getLogger("trainyard.remote")
-
-
-class RemoteTrainingError(RuntimeError):
-    pass
 
 
 def handoff_prefix(run_id: str) -> str:

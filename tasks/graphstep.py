@@ -36,39 +36,6 @@ log = logging.getLogger("trainyard.train")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def refusal(
-    optim: str, precision: str, compile: bool, schedule: str, cycle_momentum: bool, kwargs: dict | None = None
-) -> str:
-    """Why a run with these settings cannot record its step into a CUDA graph; "" when it can."""
-    kwargs = kwargs or {}
-    if optim not in ("adam", "adamw", "sgd"):
-        return f"train.cuda_graph needs optim.name adam, adamw or sgd (a capturable step); got {optim!r}"
-    if kwargs.get("differentiable"):
-        return "train.cuda_graph does not work with optim.kwargs differentiable=true; remove it"
-    # SGD's only step that reads a tensor learning rate on the device is the fused one.
-    if optim == "sgd" and (kwargs.get("foreach") or kwargs.get("fused") is False):
-        return (
-            "train.cuda_graph with optim.name=sgd needs its fused step: remove foreach/fused=false from optim.kwargs "
-            "(the other SGD steps read the learning rate on the host)"
-        )
-    if precision == "fp16":
-        return (
-            "train.cuda_graph does not work with train.precision=fp16 (its GradScaler step is not recorded into "
-            "a graph here); use bf16 or fp32"
-        )
-    if compile:
-        return (
-            "train.cuda_graph and train.compile exclude each other; for torch.compile's own CUDA graphs set "
-            "train.compile_mode=reduce-overhead and train.cuda_graph=false"
-        )
-    if schedule == "onecycle" and cycle_momentum:
-        return (
-            "train.cuda_graph cannot cycle the momentum (Adam's beta1 and SGD's momentum are fixed inside the "
-            "graph); set schedule.cycle_momentum=false"
-        )
-    return ""
-
-
 def place_step_counters(optimizer: torch.optim.Optimizer) -> None:
     """Fused and capturable optimizers keep their step counters as float32 beside the parameters;
     move any that are elsewhere (a state loaded from a run that used neither)."""

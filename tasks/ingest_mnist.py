@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.errors import DataError
+from tasks.errors import DataError, MnistUnavailableError
 from tasks.prepared import Prepared, cache_key
 
 log = logging.getLogger("trainyard.ingest")
@@ -30,10 +30,6 @@ TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MEAN, STD = 0.1307, 0.3081
 LABELS = [str(i) for i in range(10)]
-
-
-class MnistUnavailableError(DataError):
-    """The MNIST files are neither on disk nor downloadable."""
 
 
 def _candidates(root: Path, name: str) -> list[Path]:

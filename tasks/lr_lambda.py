@@ -12,6 +12,10 @@ import math
 import operator
 from typing import Callable
 
+from tasks.errors import LambdaExpressionError
+
+__all__ = ["LambdaExpressionError", "compile_lr_lambda"]
+
 _BINOPS = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -36,10 +40,6 @@ _FUNCS: dict[str, Callable[..., float]] = {
 }
 _CONSTS = {"pi": math.pi, "e": math.e}
 _MAX_LEN = 200
-
-
-class LambdaExpressionError(ValueError):
-    pass
 
 
 def _check(node: ast.AST, text: str) -> None:

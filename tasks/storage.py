@@ -18,14 +18,10 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
 
-from tasks.errors import DataError
+from tasks.errors import DataError, StorageError
 from tasks.hashing import sha256_file
 
 MANIFEST = "manifest.json"
-
-
-class StorageError(RuntimeError):
-    pass
 
 
 def check_key(key: str) -> str:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import TrackingUnavailable
+
 log = logging.getLogger("trainyard.tracking")
 _PARAM_MAX = 6000
 
@@ -289,10 +291,6 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackingUnavailable(f"MLflow server {tracking_uri} is unreachable ({reason}); start it or fix tracking.uri") from None
-
-
-class TrackingUnavailable(RuntimeError):
-    pass
 
 
 def _is_unreachable(exc: BaseException) -> bool:

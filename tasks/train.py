@@ -436,10 +436,9 @@ def train_model(
     schema = prepared.schema
     out_dir = Path(out_dir)
     if getattr(train_cfg, "cuda_graph", False):  # refused on any device, before any work
-        from tasks.graphstep import refusal
+        from tasks.train_config import cuda_graph_refusal
 
-        reason = refusal(optim_cfg.name, train_cfg.precision, train_cfg.compile, sched_cfg.name, sched_cfg.cycle_momentum,
-                         optim_cfg.kwargs)  # fmt: skip
+        reason = cuda_graph_refusal(optim_cfg, sched_cfg, train_cfg)
         if reason:
             raise TrainingError(reason)
     seed_everything(train_cfg.seed)

@@ -93,10 +93,10 @@ def test_missing_and_broken_files(tmp_path):
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "home"))
     cfg = load_config("mnist", env={})
-    assert resolve_tracking_uri(cfg, env={"TRAINYARD_HOME": str(tmp_path / "home")}) == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert resolve_tracking_uri(cfg.tracking.uri, env={"TRAINYARD_HOME": str(tmp_path / "home")}) == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
     assert load_config("mnist", env=env).tracking.uri == "http://mlflow:5000"  # env overrides the preset
-    assert resolve_tracking_uri(TrainConfig(), env=env) == "http://mlflow:5000"
+    assert resolve_tracking_uri(TrainConfig().tracking.uri, env=env) == "http://mlflow:5000"
     # an explicit --set still wins over the environment
     assert load_config("mnist", overrides=["tracking.uri=sqlite:///x.db"], env=env).tracking.uri == "sqlite:///x.db"
 
@@ -141,7 +141,7 @@ def test_credentials_in_uris_are_refused_without_echoing_them(override):
         ("data.target=yes", r"data.target: .*the boolean True .*quote a column named so"),
         ("tracking.champion_metric=test/acc", r"tracking.champion_metric: .*got 'test/acc'; expected auto, test/accuracy"),
         ("schedule.milestones=[2, 2]", r"schedule.milestones must be strictly increasing positive epochs, got \[2, 2\]"),
-        ("optim.name=rprop", r"optim.weight_decay=0.0001: rprop has no weight decay; set it to 0"),
+        ("optim.name=rprop", None),  # the preset's weight decay does not follow a change to an optimizer without one
         ("optim.momentum=0.9", r"optim.momentum=0.9 applies to sgd and rmsprop only; for adamw"),
         ("train.grad_clip=1.0", None),  # with the preset's adamw: applied, fine
     ],
@@ -169,3 +169,18 @@ def test_file_uris_and_numeric_column_names_that_are_fine():
     ])  # fmt: skip
     assert cfg.data.target == "1" and cfg.data.features == ["2019", "x"]  # YAML numbers mean those column names
     assert cfg.storage.uri == "file://localhost/srv/runs"
+
+
+def test_a_value_the_users_choice_does_not_read_is_refused_but_a_presets_is_dropped():
+    base = ["data.path=/data/houses.csv", "data.target=price"]
+    assert load_config("csv", overrides=[*base, "optim.name=rprop"]).optim.weight_decay == 0.0
+    with pytest.raises(ConfigError, match=r"optim.weight_decay=0.001: rprop has no weight decay; set it to 0"):
+        load_config("csv", overrides=[*base, "optim.name=rprop", "optim.weight_decay=1e-3"])
+    # the schedule's keys of the preset's plateau do not follow to cosine; set for cosine, they are refused
+    assert load_config("csv", overrides=[*base, "schedule.name=cosine"]).schedule.factor == 0.1
+    with pytest.raises(ConfigError, match=r"schedule.patience=5: not used by schedule.name=cosine"):
+        load_config("csv", overrides=[*base, "schedule.name=cosine", "schedule.patience=5"])
+    with pytest.raises(ConfigError, match=r"data.limit=5: not used by data.source=csv"):
+        load_config("csv", overrides=[*base, "data.limit=5"])
+    with pytest.raises(ConfigError, match=r"train.shift_pixels=3 applies with train.augment=shift only"):
+        load_config("mnist", overrides=["train.shift_pixels=3"])

@@ -9,7 +9,8 @@ from pipelines.config import ModelConfig
 @pytest.mark.parametrize("name", ["linear", "mlp", "cnn"])
 @pytest.mark.parametrize("shape", [[1, 28, 28], [3, 32, 32], [2, 7, 5]])
 def test_models_build_from_schema_shapes(name, shape):
-    model = build_model(name, {"input_shape": shape, "output_size": 4}, ModelConfig(name=name, channels=[8, 16], hidden=[32]))
+    sizes = {"linear": {}, "mlp": {"hidden": [32]}, "cnn": {"channels": [8, 16], "hidden": [32]}}[name]
+    model = build_model(name, {"input_shape": shape, "output_size": 4}, ModelConfig(name=name, **sizes))
     out = model(torch.randn(3, *shape))
     assert out.shape == (3, 4)
 
@@ -39,3 +40,20 @@ def test_unknown_model_lists_valid_ones():
 def test_cnn_on_a_table_is_refused():
     with pytest.raises(ModelError, match=r"needs image inputs shaped CxHxW; this dataset's inputs are shaped \[12\]"):
         build_model("cnn", {"input_shape": [12], "output_size": 2}, ModelConfig(name="cnn"))
+
+
+def test_a_key_the_chosen_model_does_not_read_is_refused():
+    from pipelines.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model.channels=\[8\]: not used by model.name=mlp"):
+        load_config("csv", overrides=["data.path=t.csv", "data.target=y", "model.channels=[8]"])
+    # a preset's keys for the cnn do not follow a change of model; those both read do
+    cfg = load_config("mnist", overrides=["model.name=mlp"])
+    assert cfg.model.channels == ModelConfig().channels and cfg.model.hidden == [128] and cfg.model.dropout == 0.25
+
+
+def test_the_catalogue_is_the_one_list_of_models():
+    from models.config import MODELS
+
+    assert available() == sorted(MODELS)
+    assert list(ModelConfig.model_json_schema()["properties"]["name"]["enum"]) == list(MODELS)

@@ -1,0 +1,76 @@
+"""What the stages hand each other: small typed records of URIs, paths, hashes and figures.
+
+Never a live model, optimizer or loader (Prefect may hash or persist task inputs and results).
+Torch-free, so the flow and the CLI can read them without importing the training code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A prepared dataset: its cache key, its local folder and the identity of the data it came from."""
+
+    key: str
+    path: str
+    content_hash: str
+    source: str
+    task: str
+    split_sizes: dict[str, int]
+    reused: bool
+
+
+@dataclass
+class TrainResult:
+    """The kept checkpoint and how training went."""
+
+    checkpoint: str
+    best_epoch: int
+    best_metric: float
+    monitor: str
+    device: str
+    precision: str
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainResult:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The test split's figures and the report files written beside them.
+
+    `details` holds what metrics.json holds besides the metrics (confusion matrix, per-class
+    figures, the checkpoint's epoch); `files` names report files by role (metrics_json,
+    confusion_matrix_csv, confusion_matrix_png, classification_report).
+    """
+
+    task: str
+    metrics: dict[str, float]
+    files: dict[str, str]
+    checkpoint_epoch: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredUnit:
+    """A run's artifacts as published: the unit's URI and name -> {uri, sha256}."""
+
+    uri: str
+    files: dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Published:
+    """What the registry got: the logged model's URI ('' when not logged) and the champion decision."""
+
+    mlflow_model: str = ""
+    champion: dict[str, Any] | None = None
