@@ -28,11 +28,17 @@ from _common import REPO, emit, note
 
 COVTYPE_ROWS = 581_012
 MEASURES = [
-    ("Elevation", 1859, 3858), ("Aspect", 0, 360), ("Slope", 0, 66), ("Horizontal_Distance_To_Hydrology", 0, 1397),
-    ("Vertical_Distance_To_Hydrology", -173, 601), ("Horizontal_Distance_To_Roadways", 0, 7117),
-    ("Hillshade_9am", 0, 254), ("Hillshade_Noon", 0, 254), ("Hillshade_3pm", 0, 254),
+    ("Elevation", 1859, 3858),
+    ("Aspect", 0, 360),
+    ("Slope", 0, 66),
+    ("Horizontal_Distance_To_Hydrology", 0, 1397),
+    ("Vertical_Distance_To_Hydrology", -173, 601),
+    ("Horizontal_Distance_To_Roadways", 0, 7117),
+    ("Hillshade_9am", 0, 254),
+    ("Hillshade_Noon", 0, 254),
+    ("Hillshade_3pm", 0, 254),
     ("Horizontal_Distance_To_Fire_Points", 0, 7173),
-]  # fmt: skip
+]
 TARGET = "Cover_Type"
 
 
@@ -64,7 +70,7 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 import numpy, pandas, torch, pyarrow.csv
-from pipelines.config import DataConfig
+from tasks.data_config import DataConfig
 from tasks.ingest_csv import build_csv
 
 def rss():
@@ -94,7 +100,9 @@ else:
     tensor_bytes = 0
 seconds = time.perf_counter() - t
 peak = hwm() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({{"seconds": seconds, "base_rss": base, "peak_rss": peak, "tensor_bytes": tensor_bytes, "peak_reset": reset}}))
+print(json.dumps({{
+    "seconds": seconds, "base_rss": base, "peak_rss": peak, "tensor_bytes": tensor_bytes, "peak_reset": reset,
+}}))
 """
 
 
@@ -110,7 +118,7 @@ def child(path: Path, what: str) -> dict:
 def time_ingest(path: Path, repeats: int) -> tuple[float, float, object]:
     import pandas as pd
 
-    from pipelines.config import DataConfig
+    from tasks.data_config import DataConfig
     from tasks.ingest_csv import build_csv
 
     cfg = DataConfig(source="csv", path=str(path), target=TARGET)
@@ -157,7 +165,7 @@ def time_epoch_data(path: Path, prepared, batch_size: int, sample: int) -> tuple
     for _ in loader:  # warm-up
         break
     t = time.perf_counter()
-    for xb, yb in loader:
+    for _batch in loader:
         pass
     tensor_epoch = time.perf_counter() - t
 
@@ -166,13 +174,35 @@ def time_epoch_data(path: Path, prepared, batch_size: int, sample: int) -> tuple
     ds = torch.utils.data.Subset(PandasRowDataset(df, TARGET), rows)
     pandas_loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True)
     t = time.perf_counter()
-    for xb, yb in pandas_loader:
+    for _batch in pandas_loader:
         pass
     per_row = (time.perf_counter() - t) / len(rows)
     return tensor_epoch, per_row * x.shape[0], len(rows)
 
 
-def main(argv=None) -> None:
+def report_peak_memory(path: Path, rows: int) -> None:
+    """The ingest's peak RSS growth in a fresh child process, against the final tensors and read_csv alone."""
+    ing = child(path, "ingest")
+    rd = child(path, "read")
+    grown = ing["peak_rss"] - ing["base_rss"]
+    emit(
+        "csv_ingest.peak_memory",
+        peak_rss_growth_mb=round(grown / 1e6, 1),
+        tensors_mb=round(ing["tensor_bytes"] / 1e6, 1),
+        rows=rows,
+        peak_reset_after_imports=ing["peak_reset"],
+        baseline={
+            "name": "size of the final tensors",
+            "mb": round(ing["tensor_bytes"] / 1e6, 1),
+            "read_csv_alone_peak_growth_mb": round((rd["peak_rss"] - rd["base_rss"]) / 1e6, 1),
+        },
+        ratio=grown / ing["tensor_bytes"],
+        target="<= 3x the final tensors",
+        met=grown <= 3 * ing["tensor_bytes"],
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=0, help=f"CSV rows (default {COVTYPE_ROWS}; 60000 with --quick)")
     parser.add_argument("--csv", default="", help="use this covtype-shaped CSV instead of generating one")
@@ -180,7 +210,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--sample", type=int, default=0, help="rows timed for the pandas-row Dataset (default 4096)")
     parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     rows = args.rows or (60_000 if args.quick else COVTYPE_ROWS)
     sample = args.sample or (2048 if args.quick else 4096)
 
@@ -193,26 +227,33 @@ def main(argv=None) -> None:
         note("csv_ingest.settings", rows=rows, columns=55, csv_mb=round(size_mb, 1), batch_size=args.batch_size)
 
         read_s, ingest_s, prepared = time_ingest(path, args.repeats)
-        emit("csv_ingest.time", ingest_seconds=round(ingest_s, 4), rows=rows,
-             baseline={"name": 'pandas.read_csv(engine="pyarrow") alone', "seconds": round(read_s, 4)},
-             ratio=ingest_s / read_s, target="<= 1.3x", met=ingest_s / read_s <= 1.3)  # fmt: skip
+        emit(
+            "csv_ingest.time",
+            ingest_seconds=round(ingest_s, 4),
+            rows=rows,
+            baseline={"name": 'pandas.read_csv(engine="pyarrow") alone', "seconds": round(read_s, 4)},
+            ratio=ingest_s / read_s,
+            target="<= 1.3x",
+            met=ingest_s / read_s <= 1.3,
+        )
 
-        ing = child(path, "ingest")
-        rd = child(path, "read")
-        grown = ing["peak_rss"] - ing["base_rss"]
-        emit("csv_ingest.peak_memory", peak_rss_growth_mb=round(grown / 1e6, 1), tensors_mb=round(ing["tensor_bytes"] / 1e6, 1),
-             rows=rows, peak_reset_after_imports=ing["peak_reset"],
-             baseline={"name": "size of the final tensors", "mb": round(ing["tensor_bytes"] / 1e6, 1),
-                       "read_csv_alone_peak_growth_mb": round((rd["peak_rss"] - rd["base_rss"]) / 1e6, 1)},
-             ratio=grown / ing["tensor_bytes"], target="<= 3x the final tensors",
-             met=grown <= 3 * ing["tensor_bytes"])  # fmt: skip
+        report_peak_memory(path, rows)
 
         tensor_s, pandas_s, sampled = time_epoch_data(path, prepared, args.batch_size, sample)
-        emit("csv_ingest.epoch_data", tensor_loader_epoch_seconds=round(tensor_s, 4),
-             train_rows=int(prepared.tensors["y_train"].shape[0]), batch_size=args.batch_size,
-             baseline={"name": "pandas-row Dataset (df.iloc[i] in __getitem__)", "epoch_seconds": round(pandas_s, 2),
-                       "extrapolated": f"timed on {sampled} random rows, scaled to the training split"},
-             ratio=pandas_s / tensor_s, target=">= 100x faster", met=pandas_s / tensor_s >= 100)  # fmt: skip
+        emit(
+            "csv_ingest.epoch_data",
+            tensor_loader_epoch_seconds=round(tensor_s, 4),
+            train_rows=int(prepared.tensors["y_train"].shape[0]),
+            batch_size=args.batch_size,
+            baseline={
+                "name": "pandas-row Dataset (df.iloc[i] in __getitem__)",
+                "epoch_seconds": round(pandas_s, 2),
+                "extrapolated": f"timed on {sampled} random rows, scaled to the training split",
+            },
+            ratio=pandas_s / tensor_s,
+            target=">= 100x faster",
+            met=pandas_s / tensor_s >= 100,
+        )
 
 
 if __name__ == "__main__":

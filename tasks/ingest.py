@@ -1,8 +1,8 @@
 """Ingest stage: turn the configured source into a prepared dataset, once per content hash.
 
-Returns a small dict (a dataset reference) for the next task: the cache key, the
-folder, the content hash and the schema summary. A second run with the same data and
-data config finds the folder and reuses it without reading the source again.
+Returns a DatasetRef for the next task: the cache key, the folder, the content hash and
+the schema summary. A second run with the same data and data config finds the folder and
+reuses it without reading the source again.
 """
 
 from __future__ import annotations
@@ -11,24 +11,35 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from tasks.data_config import DataConfig
 from tasks.ingest_csv import ingest_csv
 from tasks.ingest_mnist import ingest_mnist
-from tasks.prepared import SCHEMA_FILE, TENSORS_FILE, dataset_dir, is_complete, load_schema, save_prepared
+from tasks.prepared import SCHEMA_FILE, TENSORS_FILE, Prepared, dataset_dir, is_complete, load_schema, save_prepared
+from tasks.results import DatasetRef
+
+if TYPE_CHECKING:
+    from tasks.storage import ArtifactStore
 
 log = logging.getLogger("trainyard.ingest")
 
 
-def identity(data_cfg, state_root: Path) -> tuple[str, str]:
-    """(cache key, content hash) of the configured data, without building anything."""
+def _plan(data_cfg: DataConfig, state_root: Path) -> tuple[str, str, Callable[[], Prepared]]:
+    """(cache key, content hash, builder) from the configured source's planner."""
     planner = ingest_csv if data_cfg.source == "csv" else ingest_mnist
-    key, content_hash, _ = planner(data_cfg, Path(state_root))
+    return planner(data_cfg, Path(state_root))
+
+
+def identity(data_cfg: DataConfig, state_root: Path) -> tuple[str, str]:
+    """(cache key, content hash) of the configured data, without building anything."""
+    key, content_hash, _ = _plan(data_cfg, state_root)
     return key, content_hash
 
 
-def fetch_prepared(store, key: str, state_root: Path) -> Path:
+def fetch_prepared(store: ArtifactStore, key: str, state_root: Path) -> Path:
     """The local folder of prepared dataset `key`, fetched from the shared store when not cached here."""
     folder = dataset_dir(Path(state_root), key)
     if is_complete(folder) or _fetch(store, key, folder):
@@ -36,7 +47,7 @@ def fetch_prepared(store, key: str, state_root: Path) -> Path:
     raise FileNotFoundError(f"prepared dataset {key} is neither in {folder.parent} nor in {store.uri}/datasets/")
 
 
-def _fetch(store, key: str, folder: Path) -> bool:
+def _fetch(store: ArtifactStore, key: str, folder: Path) -> bool:
     """Copy a prepared dataset from the shared store into the local cache; False when it is not there."""
     prefix = f"datasets/{key}"
     if store.read_manifest(prefix) is None:
@@ -56,16 +67,15 @@ def _fetch(store, key: str, folder: Path) -> bool:
     return True
 
 
-def ingest(data_cfg, state_root: Path, store=None) -> dict[str, Any]:
+def ingest(data_cfg: DataConfig, state_root: Path, store: ArtifactStore | None = None) -> DatasetRef:
     """Prepare the dataset that `data_cfg` describes under `state_root/datasets/<key>/`.
 
     With a remote artifact `store` (S3), a dataset another machine prepared is fetched
     from `datasets/<key>/` instead of being built again, and one built here is shared there.
     """
-    planner = ingest_csv if data_cfg.source == "csv" else ingest_mnist
-    key, content_hash, build = planner(data_cfg, Path(state_root))
+    key, content_hash, build = _plan(data_cfg, state_root)
     folder = dataset_dir(Path(state_root), key)
-    shared = store is not None and getattr(store, "remote", False)
+    shared = store is not None and store.remote
     if is_complete(folder):
         log.info("reusing prepared dataset %s", folder)
         reused = True
@@ -79,14 +89,14 @@ def ingest(data_cfg, state_root: Path, store=None) -> dict[str, Any]:
         log.info("prepared dataset written to %s", folder)
         reused = False
     if shared and store.read_manifest(f"datasets/{key}") is None:
-        store.publish(f"datasets/{key}", {TENSORS_FILE: str(folder / TENSORS_FILE), SCHEMA_FILE: str(folder / SCHEMA_FILE)})
+        store.publish(f"datasets/{key}", {name: str(folder / name) for name in (TENSORS_FILE, SCHEMA_FILE)})
     schema = load_schema(folder)
-    return {
-        "key": key,
-        "path": str(folder),
-        "content_hash": content_hash,
-        "source": data_cfg.source,
-        "task": schema["task"],
-        "split_sizes": schema["split_sizes"],
-        "reused": reused,
-    }
+    return DatasetRef(
+        key=key,
+        path=str(folder),
+        content_hash=content_hash,
+        source=data_cfg.source,
+        task=schema["task"],
+        split_sizes=schema["split_sizes"],
+        reused=reused,
+    )

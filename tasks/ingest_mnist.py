@@ -15,12 +15,13 @@ import hashlib
 import logging
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from tasks.data_config import DataConfig
 from tasks.errors import DataError, MnistUnavailableError
 from tasks.prepared import Prepared, cache_key
 
@@ -67,7 +68,9 @@ def download(root: Path) -> None:
         # torchvision's reason spans lines (one per mirror tried): one line here, as every error of ours
         reason = " ".join(str(exc).split())
         raise MnistUnavailableError(
-            _missing_message(root, missing or TRAIN_FILES + TEST_FILES, f"download failed: {type(exc).__name__}: {reason}")
+            _missing_message(
+                root, missing or TRAIN_FILES + TEST_FILES, f"download failed: {type(exc).__name__}: {reason}"
+            )
         ) from None
 
 
@@ -76,7 +79,8 @@ def ensure_files(root: Path, split: str, allow_download: bool) -> dict[str, Path
     missing = tuple(n for n in names if find_file(root, n) is None)
     if missing:
         if not allow_download or split == "t10k":
-            raise MnistUnavailableError(_missing_message(root, missing, "data.download is off" if not allow_download else "split t10k never downloads"))
+            why = "data.download is off" if not allow_download else "split t10k never downloads"
+            raise MnistUnavailableError(_missing_message(root, missing, why))
         download(root)
         missing = tuple(n for n in names if find_file(root, n) is None)
         if missing:
@@ -86,14 +90,7 @@ def ensure_files(root: Path, split: str, allow_download: bool) -> dict[str, Path
 
 def read_idx(path: Path, expect_ndim: int) -> np.ndarray:
     """Read an IDX file of unsigned bytes, checking its magic number, dimensions and size."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"MNIST file {path} is corrupt or truncated (gzip: {exc}); download it again") from None
+    data = _decoded_bytes(path)
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(
             f"MNIST file {path} is not an IDX file: bad magic number {data[:4].hex() or 'empty file'}; "
@@ -132,7 +129,8 @@ def read_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def ingest_mnist(data_cfg, state_root: Path) -> tuple[str, str, Any]:
+def ingest_mnist(data_cfg: DataConfig, state_root: Path) -> tuple[str, str, Callable[[], Prepared]]:
+    """Return (cache key, content hash, a builder that makes the Prepared dataset)."""
     root = Path(data_cfg.root).expanduser().resolve()
     files = ensure_files(root, data_cfg.split, data_cfg.download)
     h = hashlib.sha256()
@@ -147,6 +145,7 @@ def ingest_mnist(data_cfg, state_root: Path) -> tuple[str, str, Any]:
 
 
 def _decoded_bytes(path: Path) -> bytes:
+    """The file's bytes, a .gz file decompressed."""
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
@@ -156,7 +155,7 @@ def _decoded_bytes(path: Path) -> bytes:
         raise DataError(f"MNIST file {path} is corrupt or truncated (gzip: {exc}); download it again") from None
 
 
-def build_mnist(data_cfg, files: dict[str, Path], content_hash: str) -> Prepared:
+def build_mnist(data_cfg: DataConfig, files: dict[str, Path], content_hash: str) -> Prepared:
     if data_cfg.split == "t10k":
         x, y = read_pair(files[TEST_FILES[0]], files[TEST_FILES[1]])
         if data_cfg.n_train >= x.shape[0]:

@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 
-
-SPLITS = ("train", "val", "test")
 TENSORS_FILE = "tensors.pt"
 SCHEMA_FILE = "schema.json"
 
@@ -73,6 +71,8 @@ def load_schema(folder: str | os.PathLike) -> dict[str, Any]:
 def load_prepared(folder: str | os.PathLike) -> Prepared:
     folder = Path(folder)
     if not is_complete(folder):
-        raise FileNotFoundError(f"prepared dataset {folder} is missing or incomplete (expected {TENSORS_FILE}, {SCHEMA_FILE})")
+        raise FileNotFoundError(
+            f"prepared dataset {folder} is missing or incomplete (expected {TENSORS_FILE}, {SCHEMA_FILE})"
+        )
     tensors = torch.load(folder / TENSORS_FILE, map_location="cpu", weights_only=True)
     return Prepared(tensors=tensors, schema=load_schema(folder))

@@ -75,7 +75,7 @@ def _classes(stratify: np.ndarray) -> np.ndarray:
     """np.unique(stratify); label codes (small integers from 0) are counted rather than sorted."""
     stratify = np.asarray(stratify)
     countable = stratify.dtype.kind in "iu" and np.can_cast(stratify.dtype, np.intp) and stratify.size
-    if countable and 0 <= stratify.min() and stratify.max() < max(1 << 16, stratify.size):
+    if countable and stratify.min() >= 0 and stratify.max() < max(1 << 16, stratify.size):
         return distinct_integers(stratify)
     return np.unique(stratify)
 

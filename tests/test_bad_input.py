@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipelines.config import ConfigError, DataConfig, TrainConfig, load_config
-from tasks import ingest_csv
+from tasks import csv_read
 from tasks.errors import DataError
 from tasks.ingest import ingest
 from tasks.prepared import load_prepared
@@ -56,7 +56,7 @@ def earlier(tmp_path, state_home) -> tuple[Path, dict[str, str]]:
     """A CSV dataset prepared before the bad input arrives."""
     path = tmp_path / "earlier.csv"
     path.write_text("x,y,label\n" + good_rows())
-    folder = Path(ingest(csv_cfg(path), state_home)["path"])
+    folder = Path(ingest(csv_cfg(path), state_home).path)
     return folder, snapshot(folder)
 
 
@@ -110,12 +110,18 @@ def test_config_section_given_a_scalar(tmp_path):
 
 def test_override_of_the_wrong_type():
     config_refused("preset mnist + --set", "train.epochs", "valid integer", overrides=["train.epochs=three"])
-    config_refused("data.features", "valid list", preset="csv", overrides=["data.path=a.csv", "data.target=y", "data.features=x"])
+    config_refused(
+        "data.features", "valid list", preset="csv", overrides=["data.path=a.csv", "data.target=y", "data.features=x"]
+    )
 
 
 @pytest.mark.parametrize(
     "override, field",
-    [("optim.weight_decay=.inf", "optim.weight_decay"), ("optim.kwargs={eps: .inf}", "optim.kwargs"), ("train.grad_clip=.inf", "train.grad_clip")],
+    [
+        ("optim.weight_decay=.inf", "optim.weight_decay"),
+        ("optim.kwargs={eps: .inf}", "optim.kwargs"),
+        ("train.grad_clip=.inf", "train.grad_clip"),
+    ],
     ids=["weight_decay", "kwargs", "grad_clip"],
 )
 def test_infinite_number_is_refused(override, field):
@@ -124,7 +130,10 @@ def test_infinite_number_is_refused(override, field):
 
 @pytest.mark.parametrize(
     "override, field, words",
-    [("optim.lr=.nan", "optim.lr", "less than or equal to 100"), ("train.grad_clip=.nan", "train.grad_clip", "greater than or equal to 0")],
+    [
+        ("optim.lr=.nan", "optim.lr", "less than or equal to 100"),
+        ("train.grad_clip=.nan", "train.grad_clip", "greater than or equal to 0"),
+    ],
     ids=["lr", "grad_clip"],
 )
 def test_nan_is_refused(override, field, words):
@@ -132,16 +141,28 @@ def test_nan_is_refused(override, field, words):
 
 
 def test_milestones_out_of_order():
-    config_refused("schedule.milestones must be strictly increasing positive epochs, got [5, 3]", overrides=["schedule.milestones=[5, 3]"])
+    config_refused(
+        "schedule.milestones must be strictly increasing positive epochs, got [5, 3]",
+        overrides=["schedule.milestones=[5, 3]"],
+    )
 
 
 def test_data_path_with_an_unsupported_scheme():
-    config_refused("data.path", "scheme gs:// is not supported", "expected a local path or a file:// URI",
-                   preset="csv", overrides=["data.path=gs://bucket/x.csv", "data.target=y"])  # fmt: skip
+    config_refused(
+        "data.path",
+        "scheme gs:// is not supported",
+        "expected a local path or a file:// URI",
+        preset="csv",
+        overrides=["data.path=gs://bucket/x.csv", "data.target=y"],
+    )
 
 
 def test_storage_uri_with_an_unsupported_scheme():
-    config_refused("storage.uri", "expected file:///path, a local folder or s3://bucket/prefix, got 'gs://b/x'", overrides=["storage.uri=gs://b/x"])
+    config_refused(
+        "storage.uri",
+        "expected file:///path, a local folder or s3://bucket/prefix, got 'gs://b/x'",
+        overrides=["storage.uri=gs://b/x"],
+    )
 
 
 # ---- parameters posted by the Prefect UI: the same TrainConfig, validated from a dict ------------
@@ -152,7 +173,11 @@ def test_storage_uri_with_an_unsupported_scheme():
     [
         ({"train": {"epochs": 0}}, "train.epochs", "greater than or equal to 1"),
         ({"optim": {"name": "adamm"}}, "optim.name", "'adam'"),
-        ({"schedule": {"name": "lambda", "lr_lambda": "__import__('os')"}}, "schedule", "only these functions may be called"),
+        (
+            {"schedule": {"name": "lambda", "lr_lambda": "__import__('os')"}},
+            "schedule",
+            "only these functions may be called",
+        ),
         ({"storage": {"uri": "s3://Bad_Bucket/x"}}, "storage.uri", "not a valid bucket name"),
         ({"data": None}, "data", "valid dictionary"),
     ],
@@ -180,7 +205,7 @@ def test_csv_path_is_a_folder(tmp_path, state_home, earlier):
 
 def test_csv_with_a_utf8_bom_is_accepted(tmp_path, state_home):
     path = put(tmp_path, "bom.csv", "\ufefflabel,x,y\n" + "".join(f"{'ab'[i % 2]},{i},{i % 7}\n" for i in range(60)))
-    schema = load_prepared(ingest(csv_cfg(path), state_home)["path"]).schema
+    schema = load_prepared(ingest(csv_cfg(path), state_home).path).schema
     assert schema["target"]["name"] == "label" and [f["name"] for f in schema["features"]] == ["x", "y"]
     assert not any("\ufeff" in name for name in schema["feature_names"])
 
@@ -189,8 +214,15 @@ def test_csv_in_latin1_names_the_byte_offset_and_line(tmp_path, state_home, earl
     text = "x,name,label\n" + "".join(f"{i},{'café' if i == 30 else 'plain'},{'ab'[i % 2]}\n" for i in range(60))
     path = put(tmp_path, "latin1.csv", text.encode("latin-1"))
     offset = text.encode("latin-1").index(b"\xe9")
-    refused(state_home, earlier, csv_cfg(path), "latin1.csv is not valid UTF-8 text", f"byte 0xe9 at byte offset {offset}",
-            "line 32", "save it as UTF-8")  # fmt: skip
+    refused(
+        state_home,
+        earlier,
+        csv_cfg(path),
+        "latin1.csv is not valid UTF-8 text",
+        f"byte 0xe9 at byte offset {offset}",
+        "line 32",
+        "save it as UTF-8",
+    )
 
 
 def test_csv_header_not_utf8(tmp_path, state_home, earlier):
@@ -203,49 +235,101 @@ def test_ragged_row_names_the_line(tmp_path, state_home, earlier, bad_line, fiel
     lines = good_rows(40).splitlines()
     lines[10] = bad_line
     path = put(tmp_path, "ragged.csv", "x,y,label\n" + "\n".join(lines) + "\n")
-    refused(state_home, earlier, csv_cfg(path), "ragged.csv could not be parsed", f"line 12 has {fields} fields, expected 3")
+    refused(
+        state_home, earlier, csv_cfg(path), "ragged.csv could not be parsed", f"line 12 has {fields} fields, expected 3"
+    )
 
 
 def test_duplicate_column_names(tmp_path, state_home, earlier):
     path = put(tmp_path, "dupes.csv", "x,y,x,label\n" + "".join(f"{i},{i},{i},{'ab'[i % 2]}\n" for i in range(60)))
-    refused(state_home, earlier, csv_cfg(path), "dupes.csv", "duplicate column names ['x']", "each column needs a unique name")
+    refused(
+        state_home,
+        earlier,
+        csv_cfg(path),
+        "dupes.csv",
+        "duplicate column names ['x']",
+        "each column needs a unique name",
+    )
 
 
 def test_huge_numbers_that_overflow_standardisation(tmp_path, state_home, earlier):
-    path = put(tmp_path, "huge.csv", "x,big,label\n" + "".join(f"{i},{'-' if i % 2 else ''}1e308,{'ab'[i % 2]}\n" for i in range(60)))
+    path = put(
+        tmp_path,
+        "huge.csv",
+        "x,big,label\n" + "".join(f"{i},{'-' if i % 2 else ''}1e308,{'ab'[i % 2]}\n" for i in range(60)),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # numpy's overflow warnings stay inside; the message says it
-        refused(state_home, earlier, csv_cfg(path), "huge.csv", "column 'big' has values too large to standardise",
-                "expected numbers whose spread fits in float64")  # fmt: skip
+        refused(
+            state_home,
+            earlier,
+            csv_cfg(path),
+            "huge.csv",
+            "column 'big' has values too large to standardise",
+            "expected numbers whose spread fits in float64",
+        )
 
 
 def test_huge_regression_target(tmp_path, state_home, earlier):
-    path = put(tmp_path, "target.csv", "x,price\n" + "".join(f"{i},{1.5e308 if i % 2 else -1.5e308 + i}\n" for i in range(60)))
-    refused(state_home, earlier, csv_cfg(path, target="price", task="regression"), "target.csv",
-            "target 'price' has values too large to standardise")  # fmt: skip
+    path = put(
+        tmp_path, "target.csv", "x,price\n" + "".join(f"{i},{1.5e308 if i % 2 else -1.5e308 + i}\n" for i in range(60))
+    )
+    refused(
+        state_home,
+        earlier,
+        csv_cfg(path, target="price", task="regression"),
+        "target.csv",
+        "target 'price' has values too large to standardise",
+    )
 
 
 def test_integer_beyond_int64(tmp_path, state_home, earlier):
     rows = "".join(f"{2**64 + 5 if i == 8 else i},{'ab'[i % 2]}\n" for i in range(60))
     path = put(tmp_path, "ids.csv", "id,label\n" + rows)
-    refused(state_home, earlier, csv_cfg(path), "ids.csv", "column 'id' has the integer 18446744073709551621",
-            "row 9 (line 10)", "beyond the 64-bit range", "expected integers between -2**63 and 2**63-1")  # fmt: skip
+    refused(
+        state_home,
+        earlier,
+        csv_cfg(path),
+        "ids.csv",
+        "column 'id' has the integer 18446744073709551621",
+        "row 9 (line 10)",
+        "beyond the 64-bit range",
+        "expected integers between -2**63 and 2**63-1",
+    )
 
 
 def test_large_real_numbers_written_as_floats_are_accepted(tmp_path, state_home):
-    path = put(tmp_path, "avogadro.csv", "n,label\n" + "".join(f"{6.02e23 * (1 + i / 100)},{'ab'[i % 2]}\n" for i in range(60)))
-    assert ingest(csv_cfg(path), state_home)["task"] == "classification"
+    path = put(
+        tmp_path, "avogadro.csv", "n,label\n" + "".join(f"{6.02e23 * (1 + i / 100)},{'ab'[i % 2]}\n" for i in range(60))
+    )
+    assert ingest(csv_cfg(path), state_home).task == "classification"
 
 
 def test_number_beyond_float64(tmp_path, state_home, earlier):
-    path = put(tmp_path, "inf.csv", "x,label\n" + "".join(f"{'9' * 400 if i == 4 else i},{'ab'[i % 2]}\n" for i in range(60)))
-    refused(state_home, earlier, csv_cfg(path), "inf.csv", "column 'x' has an infinite value (or one beyond float64's range)",
-            "row 5 (line 6)", "expected a finite number")  # fmt: skip
+    path = put(
+        tmp_path, "inf.csv", "x,label\n" + "".join(f"{'9' * 400 if i == 4 else i},{'ab'[i % 2]}\n" for i in range(60))
+    )
+    refused(
+        state_home,
+        earlier,
+        csv_cfg(path),
+        "inf.csv",
+        "column 'x' has an infinite value (or one beyond float64's range)",
+        "row 5 (line 6)",
+        "expected a finite number",
+    )
 
 
 def test_all_missing_target(tmp_path, state_home, earlier):
     path = put(tmp_path, "nolabel.csv", "x,label\n" + "".join(f"{i},\n" for i in range(60)))
-    refused(state_home, earlier, csv_cfg(path), "nolabel.csv", "target column 'label' has no values at all", "expected the values to predict")
+    refused(
+        state_home,
+        earlier,
+        csv_cfg(path),
+        "nolabel.csv",
+        "target column 'label' has no values at all",
+        "expected the values to predict",
+    )
 
 
 def test_every_class_reaches_the_training_split(tmp_path, state_home):
@@ -254,7 +338,7 @@ def test_every_class_reaches_the_training_split(tmp_path, state_home):
     rng = np.random.default_rng(0)
     path = tmp_path / "rare.csv"
     pd.DataFrame({"x": rng.normal(size=len(labels)), "label": rng.permutation(labels)}).to_csv(path, index=False)
-    prepared = load_prepared(ingest(csv_cfg(path), state_home)["path"])
+    prepared = load_prepared(ingest(csv_cfg(path), state_home).path)
     names = prepared.schema["label_names"]
     assert names == ["a", "b", "pair", "single", "trio"]
     train = set(prepared.tensors["y_train"].tolist())
@@ -269,7 +353,7 @@ def test_bad_file_in_place_of_a_good_one_keeps_the_earlier_dataset(tmp_path, sta
     """The same path, first good, then replaced by three kinds of bad file, then good again: nothing is lost."""
     path = put(tmp_path, "data.csv", "x,y,label\n" + good_rows())
     good = ingest(csv_cfg(path), state_home)
-    earlier = (Path(good["path"]), snapshot(Path(good["path"])))
+    earlier = (Path(good.path), snapshot(Path(good.path)))
     for bad in (
         ("x,y,label\n" + good_rows()).replace("3,3,b", "caf\xe9,3,b").encode("latin-1"),
         "x,y,label\n" + good_rows().replace("5,5,b\n", "5,5,b,9\n"),
@@ -279,7 +363,7 @@ def test_bad_file_in_place_of_a_good_one_keeps_the_earlier_dataset(tmp_path, sta
         refused(state_home, earlier, csv_cfg(path), "data.csv")
     path.write_text("x,y,label\n" + good_rows())
     again = ingest(csv_cfg(path), state_home)
-    assert again["reused"] and again["key"] == good["key"]
+    assert again.reused and again.key == good.key
 
 
 @pytest.mark.parametrize(
@@ -296,7 +380,7 @@ def test_bad_file_in_place_of_a_good_one_keeps_the_earlier_dataset(tmp_path, sta
 def test_bad_row_late_in_a_file_read_in_pieces(tmp_path, state_home, earlier, monkeypatch, bad_line, fragments):
     """A large file is read in pieces (here a few hundred bytes each): a bad row in a later piece is refused
     with the same words as in a small file read at once."""
-    monkeypatch.setattr(ingest_csv, "PIECE_BYTES", 256)
+    monkeypatch.setattr(csv_read, "PIECE_BYTES", 256)
     lines = good_rows(200).splitlines()
     lines[150] = bad_line
     path = put(tmp_path, "late.csv", ("x,y,label\n" + "\n".join(lines) + "\n").encode("latin-1"))
@@ -309,7 +393,7 @@ def test_bad_row_late_in_a_file_read_in_pieces(tmp_path, state_home, earlier, mo
 @pytest.fixture
 def mnist_earlier(tmp_path, state_home):
     root = write_mnist(tmp_path / "mnist", n_train=60, n_test=20, gz=False)
-    folder = Path(ingest(DataConfig(root=str(root), download=False), state_home)["path"])
+    folder = Path(ingest(DataConfig(root=str(root), download=False), state_home).path)
     return root, (folder, snapshot(folder))
 
 
@@ -325,13 +409,20 @@ def mnist_refused(state_home, mnist_earlier, *fragments) -> None:
 def test_idx_labels_file_with_a_wrong_magic_number(state_home, mnist_earlier):
     path = mnist_earlier[0] / "t10k-labels-idx1-ubyte"
     path.write_bytes(b"PK\x03\x04" + path.read_bytes()[4:])
-    mnist_refused(state_home, mnist_earlier, "t10k-labels-idx1-ubyte is not an IDX file", "bad magic number 504b0304",
-                  "expected 00000801")  # fmt: skip
+    mnist_refused(
+        state_home,
+        mnist_earlier,
+        "t10k-labels-idx1-ubyte is not an IDX file",
+        "bad magic number 504b0304",
+        "expected 00000801",
+    )
 
 
 def test_idx_empty_file(state_home, mnist_earlier):
     (mnist_earlier[0] / "train-labels-idx1-ubyte").write_bytes(b"")
-    mnist_refused(state_home, mnist_earlier, "train-labels-idx1-ubyte is not an IDX file", "empty file", "expected 00000801")
+    mnist_refused(
+        state_home, mnist_earlier, "train-labels-idx1-ubyte is not an IDX file", "empty file", "expected 00000801"
+    )
 
 
 def test_idx_wrong_number_of_dimensions(state_home, mnist_earlier):
@@ -351,17 +442,23 @@ def test_idx_label_out_of_range(state_home, mnist_earlier):
     mnist_refused(state_home, mnist_earlier, "train-labels-idx1-ubyte: label 12 at index 17, expected 0 to 9")
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda gz: b"not gzip at all", "Not a gzipped file"),
-    (lambda gz: gz[:40] + bytes(60) + gz[100:], "Error -3 while decompressing"),
-], ids=["not-gzip", "corrupt-stream"])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda gz: b"not gzip at all", "Not a gzipped file"),
+        (lambda gz: gz[:40] + bytes(60) + gz[100:], "Error -3 while decompressing"),
+    ],
+    ids=["not-gzip", "corrupt-stream"],
+)
 def test_idx_gz_that_is_not_gzip_or_corrupt_inside(state_home, mnist_earlier, damage, words):
     root = mnist_earlier[0]
     plain = root / "train-images-idx3-ubyte"
     packed = gzip.compress(plain.read_bytes())
     plain.unlink()
     (root / "train-images-idx3-ubyte.gz").write_bytes(damage(packed))
-    mnist_refused(state_home, mnist_earlier, "train-images-idx3-ubyte.gz is corrupt or truncated", words, "download it again")
+    mnist_refused(
+        state_home, mnist_earlier, "train-images-idx3-ubyte.gz is corrupt or truncated", words, "download it again"
+    )
 
 
 # ---- S3 URIs, keys and names used in paths --------------------------------------------------------
@@ -379,7 +476,16 @@ def test_idx_gz_that_is_not_gzip_or_corrupt_inside(state_home, mnist_earlier, da
         ("s3://my-bucket/a/./b", ["prefix 'a/./b' is not allowed"]),
         ("s3://my-bucket/a\\b", ["is not allowed"]),
     ],
-    ids=["no-bucket", "bad-bucket", "short-bucket-and-dotdot", "short-bucket-and-empty-part", "dotdot", "dotdot-deeper", "dot", "backslash"],
+    ids=[
+        "no-bucket",
+        "bad-bucket",
+        "short-bucket-and-dotdot",
+        "short-bucket-and-empty-part",
+        "dotdot",
+        "dotdot-deeper",
+        "dot",
+        "backslash",
+    ],
 )
 def test_malformed_s3_uri_fails_at_config_time(uri, words):
     msg = config_refused("storage.uri", f"storage.uri {uri!r}", *words, overrides=[f"storage.uri={uri}"])
@@ -389,7 +495,11 @@ def test_malformed_s3_uri_fails_at_config_time(uri, words):
 
 
 def test_s3_uri_with_a_single_slash():
-    config_refused("storage.uri", "starts with 's3:' but not 's3://'; expected s3://bucket/prefix", overrides=["storage.uri=s3:/bucket/x"])
+    config_refused(
+        "storage.uri",
+        "starts with 's3:' but not 's3://'; expected s3://bucket/prefix",
+        overrides=["storage.uri=s3:/bucket/x"],
+    )
 
 
 def test_malformed_s3_uri_from_the_environment_fails_before_any_client(monkeypatch):
@@ -415,7 +525,10 @@ def test_unit_file_name_with_traversal_publishes_nothing(tmp_path):
     store = LocalStore(tmp_path / "store")
     store.publish("exp/run1", {"model.pt": str(src)})
     before = snapshot(tmp_path / "store/exp/run1")
-    for prefix, files in (("exp/run2", {"model.pt": str(src), "../../evil.pt": str(src)}), ("exp/../../evil", {"m.pt": str(src)})):
+    for prefix, files in (
+        ("exp/run2", {"model.pt": str(src), "../../evil.pt": str(src)}),
+        ("exp/../../evil", {"m.pt": str(src)}),
+    ):
         with pytest.raises(StorageError, match="is not allowed"):
             store.publish(prefix, files)
     assert sorted(p.name for p in (tmp_path / "store/exp").iterdir()) == ["run1"]  # no run2, no staging folder
@@ -427,7 +540,22 @@ def test_unit_file_name_with_traversal_publishes_nothing(tmp_path):
 NASTY_NAMES = ["../../etc", "..", ".", "/etc/passwd", "a/../../b", "..\\..\\x", "", "\x00", "é", "x" * 300]
 
 
-@pytest.mark.parametrize("name", NASTY_NAMES, ids=["dotdot-etc", "dotdot", "dot", "absolute", "inner-dotdot", "backslashes", "empty", "nul", "non-ascii", "too-long"])
+@pytest.mark.parametrize(
+    "name",
+    NASTY_NAMES,
+    ids=[
+        "dotdot-etc",
+        "dotdot",
+        "dot",
+        "absolute",
+        "inner-dotdot",
+        "backslashes",
+        "empty",
+        "nul",
+        "non-ascii",
+        "too-long",
+    ],
+)
 def test_experiment_and_run_names_stay_one_path_component(tmp_path, name):
     part = safe_name(name)
     assert part and "/" not in part and "\\" not in part and "\x00" not in part and part not in (".", "..")
@@ -440,7 +568,7 @@ def test_experiment_and_run_names_stay_one_path_component(tmp_path, name):
     src = tmp_path / "m.bin"
     src.write_bytes(b"m")
     manifest = store.publish(check_key(f"{part}/run-0123"), {"m.bin": str(src)})
-    assert Path(manifest["m.bin"]["uri"][len("file://"):]).resolve().is_relative_to(store_root.resolve())
+    assert Path(manifest["m.bin"]["uri"][len("file://") :]).resolve().is_relative_to(store_root.resolve())
 
 
 def test_experiment_named_like_a_traversal_is_accepted_and_made_safe():
@@ -466,5 +594,11 @@ def test_validating_a_storage_uri_imports_neither_boto3_nor_torch():
         "import sys; from pipelines.config import TrainConfig; TrainConfig(storage={'uri': 's3://my-bucket/p'}); "
         "print(sorted(m for m in ('boto3', 'torch') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
     assert out.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines.config import DataConfig
-from tasks import ingest_csv
+from tasks import csv_read, csv_standardise, ingest_csv
 from tasks.errors import DataError
 from tasks.ingest import ingest
 from tasks.prepared import load_prepared
@@ -27,7 +27,7 @@ def write(tmp_path, df, name="data.csv"):
 
 def test_prepares_standardised_tensors_and_schema(tmp_path, toy_csv, state_home):
     ref = ingest(cfg(toy_csv, drop=["id"]), state_home)
-    prepared = load_prepared(ref["path"])
+    prepared = load_prepared(ref.path)
     s = prepared.schema
     assert s["task"] == "classification" and s["binary"] and s["label_names"] == ["no", "yes"]
     assert s["output_size"] == 1
@@ -53,7 +53,7 @@ def test_prepares_standardised_tensors_and_schema(tmp_path, toy_csv, state_home)
 def test_stratified_split_keeps_class_shares(tmp_path, state_home):
     rng = np.random.default_rng(3)
     df = pd.DataFrame({"a": rng.normal(size=500), "label": np.where(np.arange(500) < 100, "rare", "common")})
-    prepared = load_prepared(ingest(cfg(write(tmp_path, df)), state_home)["path"])
+    prepared = load_prepared(ingest(cfg(write(tmp_path, df)), state_home).path)
     for split in ("train", "val", "test"):
         y = prepared.tensors[f"y_{split}"]
         share = float((y == 1).float().mean())  # label 1 is 'rare' (sorted: common, rare)
@@ -63,21 +63,21 @@ def test_stratified_split_keeps_class_shares(tmp_path, state_home):
 def test_cache_is_reused_and_keyed_by_content_and_config(tmp_path, toy_csv, state_home):
     first = ingest(cfg(toy_csv), state_home)
     again = ingest(cfg(toy_csv), state_home)
-    assert not first["reused"] and again["reused"] and again["key"] == first["key"]
+    assert not first.reused and again.reused and again.key == first.key
     other_seed = ingest(cfg(toy_csv, split_seed=1), state_home)
-    assert other_seed["key"] != first["key"] and other_seed["content_hash"] == first["content_hash"]
+    assert other_seed.key != first.key and other_seed.content_hash == first.content_hash
     df = pd.read_csv(toy_csv)
     df.loc[0, "x2"] = 99.0
     df.to_csv(toy_csv, index=False)
     changed = ingest(cfg(toy_csv), state_home)
-    assert changed["content_hash"] != first["content_hash"] and not changed["reused"]
+    assert changed.content_hash != first.content_hash and not changed.reused
 
 
 def test_file_uri_and_multiclass_string_labels(tmp_path, state_home):
     rng = np.random.default_rng(0)
     df = pd.DataFrame({"a": rng.normal(size=90), "label": ["cat", "dog", "emu"] * 30})
     path = write(tmp_path, df)
-    prepared = load_prepared(ingest(cfg(path.as_uri()), state_home)["path"])
+    prepared = load_prepared(ingest(cfg(path.as_uri()), state_home).path)
     assert prepared.schema["label_names"] == ["cat", "dog", "emu"]
     assert prepared.schema["output_size"] == 3 and not prepared.schema["binary"]
     assert prepared.tensors["y_train"].dtype == torch.int64
@@ -87,7 +87,7 @@ def test_regression_inferred_and_target_standardised(tmp_path, state_home):
     rng = np.random.default_rng(0)
     x = rng.normal(size=200)
     df = pd.DataFrame({"x": x, "price": 3.0 * x + 10.5 + rng.normal(scale=0.1, size=200)})
-    prepared = load_prepared(ingest(cfg(write(tmp_path, df), target="price"), state_home)["path"])
+    prepared = load_prepared(ingest(cfg(write(tmp_path, df), target="price"), state_home).path)
     s = prepared.schema
     assert s["task"] == "regression" and s["output_size"] == 1
     assert abs(s["target"]["mean"] - 10.5) < 0.5
@@ -96,15 +96,15 @@ def test_regression_inferred_and_target_standardised(tmp_path, state_home):
 
 def test_integer_target_with_few_values_is_classification(tmp_path, state_home):
     df = pd.DataFrame({"x": np.arange(60.0), "grade": [1, 2, 3] * 20})
-    s = load_prepared(ingest(cfg(write(tmp_path, df), target="grade"), state_home)["path"]).schema
+    s = load_prepared(ingest(cfg(write(tmp_path, df), target="grade"), state_home).path).schema
     assert s["task"] == "classification" and s["label_names"] == ["1", "2", "3"]
-    forced = load_prepared(ingest(cfg(write(tmp_path, df), target="grade", task="regression"), state_home)["path"]).schema
+    forced = load_prepared(ingest(cfg(write(tmp_path, df), target="grade", task="regression"), state_home).path).schema
     assert forced["task"] == "regression"
 
 
 def test_missing_policy_drop(tmp_path, state_home):
     df = separable_frame()
-    s = load_prepared(ingest(cfg(write(tmp_path, df), missing="drop"), state_home)["path"]).schema
+    s = load_prepared(ingest(cfg(write(tmp_path, df), missing="drop"), state_home).path).schema
     assert s["rows_dropped"] == 2 and sum(s["split_sizes"].values()) == 398
 
 
@@ -113,7 +113,7 @@ def test_unseen_category_outside_train_is_all_zeros(tmp_path, state_home):
     codes = df["label"].map({"no": 0, "yes": 1}).to_numpy()
     _train, _val, test = split_indices(len(df), 0.1, 0.2, 0, stratify=codes)  # the ingest's own split
     df.loc[int(test[0]), "colour"] = "violet"  # a value only a test row has
-    prepared = load_prepared(ingest(cfg(write(tmp_path, df)), state_home)["path"])
+    prepared = load_prepared(ingest(cfg(write(tmp_path, df)), state_home).path)
     colour = prepared.schema["features"][2]
     assert "violet" not in colour["vocabulary"] and colour["unseen_outside_train"] == 1
     width = len(colour["vocabulary"])  # columns: x1, x2, then colour's one-hot block, then id
@@ -156,12 +156,20 @@ def test_target_missing_names_columns(tmp_path, toy_csv, state_home):
 def test_non_numeric_value_in_numeric_column(tmp_path, state_home):
     df = separable_frame().astype({"x2": object})
     df.loc[12, "x2"] = "abc"
-    expect(tmp_path, state_home, cfg(write(tmp_path, df)), "column 'x2'", "row 13 (line 14)", "'abc'", "expected a number")
+    expect(
+        tmp_path, state_home, cfg(write(tmp_path, df)), "column 'x2'", "row 13 (line 14)", "'abc'", "expected a number"
+    )
 
 
 def test_missing_value_under_error_policy(tmp_path, state_home):
-    expect(tmp_path, state_home, cfg(write(tmp_path, separable_frame()), missing="error"),
-           "column 'x1'", "row 6 (line 7)", "data.missing is 'error'")  # fmt: skip
+    expect(
+        tmp_path,
+        state_home,
+        cfg(write(tmp_path, separable_frame()), missing="error"),
+        "column 'x1'",
+        "row 6 (line 7)",
+        "data.missing is 'error'",
+    )
 
 
 def test_one_class(tmp_path, state_home):
@@ -190,8 +198,8 @@ def test_ragged_rows(tmp_path, state_home):
 
 def test_schema_json_is_readable(tmp_path, toy_csv, state_home):
     ref = ingest(cfg(toy_csv), state_home)
-    schema = json.loads((state_home / "datasets" / ref["key"] / "schema.json").read_text())
-    assert schema["key"] == ref["key"] and schema["content_hash"] == ref["content_hash"]
+    schema = json.loads((state_home / "datasets" / ref.key / "schema.json").read_text())
+    assert schema["key"] == ref.key and schema["content_hash"] == ref.content_hash
 
 
 # ---- the reader: pyarrow with pandas' options, in pieces for a large file -------------------------
@@ -225,7 +233,7 @@ def expected_tensors(path, categorical=("code",), seed=0):
     df = df[df["label"].notna()].reset_index(drop=True)  # missing labels are dropped, missing features imputed
     names = sorted(df["label"].unique())
     codes = df["label"].map({v: i for i, v in enumerate(names)}).to_numpy(dtype=np.int64)
-    splits = dict(zip(("train", "val", "test"), split_indices(len(df), 0.1, 0.2, seed, stratify=codes)))
+    splits = dict(zip(("train", "val", "test"), split_indices(len(df), 0.1, 0.2, seed, stratify=codes), strict=True))
     train = splits["train"]
     blocks, stats = [], {}
     for name in [c for c in df.columns if c != "label"]:
@@ -249,8 +257,8 @@ def expected_tensors(path, categorical=("code",), seed=0):
 def test_tensors_equal_an_independent_pandas_computation(tmp_path, monkeypatch, piece_bytes):
     path = write(tmp_path, mixed_frame())
     if piece_bytes:  # a file larger than a piece is read in pieces; here it must not fall back to one read
-        monkeypatch.setattr(ingest_csv, "PIECE_BYTES", piece_bytes)
-        monkeypatch.setattr(ingest_csv, "_read_whole", lambda path: pytest.fail("read whole"))
+        monkeypatch.setattr(csv_read, "PIECE_BYTES", piece_bytes)
+        monkeypatch.setattr(csv_read, "_read_whole", lambda path: pytest.fail("read whole"))
     prepared = ingest_csv.build_csv(cfg(path, categorical=["code"]), path, "hash")
     expected, stats = expected_tensors(path)
     for split, (x, y) in expected.items():
@@ -276,7 +284,9 @@ def rows_text(n: int, x=lambda i: i % 5, label=lambda i: "ab"[i % 2]) -> str:
         pytest.param(rows_text(400, x=lambda i: i % 2 if i < 300 else i * 331), id="flag-then-wider-ints"),
         pytest.param(rows_text(400, x=lambda i: "" if 200 <= i < 260 else i % 5), id="piece-without-values"),
         pytest.param(rows_text(400, x=lambda i: i + 0.5 if i < 100 else i), id="floats-then-ints"),
-        pytest.param(rows_text(400, x=lambda i: i % 2 if i < 300 else ("True" if i % 2 else "False")), id="0-1-then-booleans"),
+        pytest.param(
+            rows_text(400, x=lambda i: i % 2 if i < 300 else ("True" if i % 2 else "False")), id="0-1-then-booleans"
+        ),
         pytest.param(rows_text(400, label=lambda i: "a" if i < 300 else "b"), id="late-label"),
         pytest.param(rows_text(400, x=lambda i: '"3"' if i == 350 else i % 5), id="quoted-value"),
         pytest.param(rows_text(400).replace("\n", "\r\n"), id="crlf"),
@@ -290,7 +300,7 @@ def test_a_file_read_in_pieces_gives_what_one_read_gives(tmp_path, monkeypatch, 
     path = tmp_path / "data.csv"
     path.write_text(text, encoding="utf-8", newline="")
     whole = ingest_csv.build_csv(cfg(path), path, "hash")
-    monkeypatch.setattr(ingest_csv, "PIECE_BYTES", 300)
+    monkeypatch.setattr(csv_read, "PIECE_BYTES", 300)
     pieces = ingest_csv.build_csv(cfg(path), path, "hash")
     assert json.dumps(pieces.schema, sort_keys=True) == json.dumps(whole.schema, sort_keys=True)
     assert list(pieces.tensors) == list(whole.tensors)
@@ -311,7 +321,7 @@ def test_compressed_csv_is_read_like_pandas_reads_it(tmp_path, state_home):
 def test_missing_value_strings_are_pandas_defaults():
     from pandas._libs.parsers import STR_NA_VALUES
 
-    assert sorted(ingest_csv.NA_VALUES) == sorted(STR_NA_VALUES)
+    assert sorted(csv_read.NA_VALUES) == sorted(STR_NA_VALUES)
 
 
 def test_median_and_mean_equal_numpys():
@@ -329,7 +339,9 @@ def test_median_and_mean_equal_numpys():
     ]
     for values in arrays:
         as_float = values.astype(np.float64)
-        assert ingest_csv._median_and_mean(values) == (float(np.median(as_float)), float(as_float.mean())), values.dtype
+        assert csv_standardise._median_and_mean(values) == (float(np.median(as_float)), float(as_float.mean())), (
+            values.dtype
+        )
 
 
 def test_split_indices_are_unchanged():
@@ -337,7 +349,9 @@ def test_split_indices_are_unchanged():
     labels = np.array([0, 1, 2, 0, 1, 0, 0, 2, 1, 0, 0, 1, 2, 0, 1, 0, 2, 0, 1, 0])
     stratified = split_indices(20, 0.2, 0.25, 7, stratify=labels)
     assert [s.tolist() for s in stratified] == [
-        [1, 4, 5, 6, 7, 9, 10, 12, 13, 14, 19], [0, 11, 16, 17], [2, 3, 8, 15, 18]
+        [1, 4, 5, 6, 7, 9, 10, 12, 13, 14, 19],
+        [0, 11, 16, 17],
+        [2, 3, 8, 15, 18],
     ]
     plain = split_indices(20, 0.2, 0.25, 7)
     assert [s.tolist() for s in plain] == [[0, 2, 4, 5, 6, 7, 9, 11, 17, 18, 19], [3, 8, 12, 13], [1, 10, 14, 15, 16]]
@@ -353,37 +367,59 @@ def mixed_labels(n: int = 60) -> pd.DataFrame:
 
 @pytest.mark.parametrize("setting", [{"task": "classification"}, {"categorical": ["label"]}])
 def test_class_labels_mixing_numbers_and_words_are_text_when_the_config_says_classes(tmp_path, state_home, setting):
-    prepared = load_prepared(ingest(cfg(write(tmp_path, mixed_labels()), **setting), state_home)["path"])
+    prepared = load_prepared(ingest(cfg(write(tmp_path, mixed_labels()), **setting), state_home).path)
     assert prepared.schema["task"] == "classification"
     assert prepared.schema["label_names"] == ["0", "1", "2", "other"]
 
 
 def test_a_word_among_numeric_targets_is_an_error_otherwise(tmp_path, state_home):
-    expect(tmp_path, state_home, cfg(write(tmp_path, mixed_labels())), "column 'label' holds numbers but row 6 (line 7) has 'other'", "data.categorical")
+    expect(
+        tmp_path,
+        state_home,
+        cfg(write(tmp_path, mixed_labels())),
+        "column 'label' holds numbers but row 6 (line 7) has 'other'",
+        "data.categorical",
+    )
 
 
 def test_a_float_target_listed_as_categorical_is_classes(tmp_path, state_home):
     df = pd.DataFrame({"x": np.arange(40.0), "label": [0.5, 1.5] * 20})
-    prepared = load_prepared(ingest(cfg(write(tmp_path, df), categorical=["label"]), state_home)["path"])
+    prepared = load_prepared(ingest(cfg(write(tmp_path, df), categorical=["label"]), state_home).path)
     assert prepared.schema["task"] == "classification" and prepared.schema["label_names"] == ["0.5", "1.5"]
 
 
 def test_regression_on_booleans_or_on_a_categorical_target_is_refused(tmp_path, state_home):
     df = pd.DataFrame({"x": np.arange(40.0), "label": [True, False] * 20})
-    expect(tmp_path, state_home, cfg(write(tmp_path, df), task="regression"), "target 'label' holds booleans", "regression needs numbers")
+    expect(
+        tmp_path,
+        state_home,
+        cfg(write(tmp_path, df), task="regression"),
+        "target 'label' holds booleans",
+        "regression needs numbers",
+    )
     df = pd.DataFrame({"x": np.arange(40.0), "label": np.arange(40.0)})
-    expect(tmp_path, state_home, cfg(write(tmp_path, df, "cat.csv"), task="regression", categorical=["label"]),
-           "listed in data.categorical but data.task is regression")  # fmt: skip
+    expect(
+        tmp_path,
+        state_home,
+        cfg(write(tmp_path, df, "cat.csv"), task="regression", categorical=["label"]),
+        "listed in data.categorical but data.task is regression",
+    )
 
 
 def test_quoted_newlines_in_a_file_larger_than_a_parser_block(tmp_path, state_home):
     """Values spanning lines inside quotes (valid CSV) in a file of several of pyarrow's 1 MiB blocks."""
     n = 60_000
     rng = np.random.default_rng(0)
-    df = pd.DataFrame({"x": rng.normal(size=n), "note": [f"line one\nline two {i % 5}" for i in range(n)], "label": rng.integers(0, 2, n)})
+    df = pd.DataFrame(
+        {
+            "x": rng.normal(size=n),
+            "note": [f"line one\nline two {i % 5}" for i in range(n)],
+            "label": rng.integers(0, 2, n),
+        }
+    )
     path = write(tmp_path, df)
     assert path.stat().st_size > 2 * (1 << 20)
-    prepared = load_prepared(ingest(cfg(path), state_home)["path"])
+    prepared = load_prepared(ingest(cfg(path), state_home).path)
     note = prepared.schema["features"][1]
     assert note["name"] == "note" and note["vocabulary"] == [f"line one\nline two {k}" for k in range(5)]
     assert sum(t.shape[0] for name, t in prepared.tensors.items() if name.startswith("y_")) == n
@@ -392,9 +428,18 @@ def test_quoted_newlines_in_a_file_larger_than_a_parser_block(tmp_path, state_ho
 @pytest.mark.parametrize(
     "text, fragments",
     [
-        (b"x,x,label\n" + b"".join(b"%d,%d,%d\n" % (i, i, i % 2) for i in range(40)), ["duplicate column names ['x'] in the header (line 1)"]),
-        (b"x,label\n" + b"".join(b"5\n" if i == 20 else b"%d,%d\n" % (i, i % 2) for i in range(40)), ["line 22 has 1 fields, expected 2"]),
-        (b"x,label\n" + b"".join(b"caf\xe9,1\n" if i == 12 else b"%d,%d\n" % (i, i % 2) for i in range(40)), ["byte 0xe9 at byte offset", "line 14"]),
+        (
+            b"x,x,label\n" + b"".join(b"%d,%d,%d\n" % (i, i, i % 2) for i in range(40)),
+            ["duplicate column names ['x'] in the header (line 1)"],
+        ),
+        (
+            b"x,label\n" + b"".join(b"5\n" if i == 20 else b"%d,%d\n" % (i, i % 2) for i in range(40)),
+            ["line 22 has 1 fields, expected 2"],
+        ),
+        (
+            b"x,label\n" + b"".join(b"caf\xe9,1\n" if i == 12 else b"%d,%d\n" % (i, i % 2) for i in range(40)),
+            ["byte 0xe9 at byte offset", "line 14"],
+        ),
     ],
     ids=["duplicate-header", "ragged-row", "not-utf8"],
 )

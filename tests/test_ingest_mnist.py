@@ -1,4 +1,3 @@
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +13,7 @@ from tests.conftest import make_digits, write_idx, write_mnist
 
 def test_official_split_reads_gz_files(mnist_root, state_home):
     ref = ingest(DataConfig(root=str(mnist_root), val_fraction=0.2), state_home)
-    prepared = load_prepared(ref["path"])
+    prepared = load_prepared(ref.path)
     assert prepared.schema["input_shape"] == [1, 28, 28] and prepared.schema["output_size"] == 10
     assert prepared.schema["split_sizes"] == {"train": 240, "val": 60, "test": 100}
     assert prepared.tensors["x_train"].dtype == torch.uint8 and prepared.tensors["x_train"].shape[1:] == (1, 28, 28)
@@ -25,7 +24,7 @@ def test_official_split_reads_gz_files(mnist_root, state_home):
 def test_torchvision_layout_and_plain_files(tmp_path, state_home):
     root = write_mnist(tmp_path / "tv", gz=False, raw_layout=True)
     ref = ingest(DataConfig(root=str(root)), state_home)
-    assert ref["split_sizes"]["test"] == 100
+    assert ref.split_sizes["test"] == 100
 
 
 def test_t10k_split_uses_first_rows_for_training(tmp_path, state_home):
@@ -33,15 +32,15 @@ def test_t10k_split_uses_first_rows_for_training(tmp_path, state_home):
     x, y = make_digits(50, 5)
     write_idx(folder / "t10k-images-idx3-ubyte.gz", x, gz=True)
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", y, gz=True)
-    prepared = load_prepared(ingest(DataConfig(root=str(folder), split="t10k", n_train=40), state_home)["path"])
+    prepared = load_prepared(ingest(DataConfig(root=str(folder), split="t10k", n_train=40), state_home).path)
     assert torch.equal(prepared.tensors["y_test"], torch.from_numpy(y[40:].astype(np.int64)))
     assert prepared.schema["split_sizes"]["train"] + prepared.schema["split_sizes"]["val"] == 40
 
 
 def test_same_files_reuse_the_prepared_dataset(mnist_root, state_home):
     first = ingest(DataConfig(root=str(mnist_root)), state_home)
-    assert ingest(DataConfig(root=str(mnist_root)), state_home)["reused"]
-    assert not ingest(DataConfig(root=str(mnist_root), limit=100), state_home)["key"] == first["key"]
+    assert ingest(DataConfig(root=str(mnist_root)), state_home).reused
+    assert ingest(DataConfig(root=str(mnist_root), limit=100), state_home).key != first.key
 
 
 def test_offline_without_download_says_what_to_put_where(tmp_path, state_home):

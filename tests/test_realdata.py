@@ -6,7 +6,9 @@ from tests.conftest import REAL_MNIST
 
 pytestmark = [
     pytest.mark.realdata,
-    pytest.mark.skipif(not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST files not in {REAL_MNIST}"),
+    pytest.mark.skipif(
+        not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST files not in {REAL_MNIST}"
+    ),
 ]
 
 
@@ -16,7 +18,9 @@ def test_mnist_preset_reaches_97_percent_on_real_digits(prefect_harness, state_h
     from pipelines.config import load_config
     from pipelines.flow import train_flow
 
-    cfg = load_config("mnist", overrides=[f"data.root={REAL_MNIST}", "data.split=t10k", "data.n_train=8000", "train.device=cpu"])
+    cfg = load_config(
+        "mnist", overrides=[f"data.root={REAL_MNIST}", "data.split=t10k", "data.n_train=8000", "train.device=cpu"]
+    )
     summary = train_flow(cfg)
     assert summary["dataset"]["content_hash"]
     sizes = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.params
