@@ -27,11 +27,13 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU"
 
 
-def emit(name: str, *, baseline: Any, ratio: float | None, target: str, met: bool | None, **figures: Any) -> dict[str, Any]:
+def emit(
+    name: str, *, baseline: Any, ratio: float | None, target: str, met: bool | None, **figures: Any
+) -> dict[str, Any]:
     """One result line: name, figures, the baseline it was measured against in this run, ratio, target, met
     (None where the target does not apply to this run: a GPU target on the CPU, a size it is not meant for)."""
-    line = {"name": name, **figures, "baseline": baseline, "ratio": _round(ratio), "target": target,
-            "met": None if met is None else bool(met)}  # fmt: skip
+    met = None if met is None else bool(met)
+    line = {"name": name, **figures, "baseline": baseline, "ratio": _round(ratio), "target": target, "met": met}
     line.setdefault("machine", machine())
     print(json.dumps(line, default=str), flush=True)
     return line
@@ -60,7 +62,7 @@ class Timer:
         self.device = device
         self.seconds = 0.0
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         sync(self.device)
         self.start = time.perf_counter()
         return self
@@ -94,10 +96,15 @@ def digits_prepared(n_train: int, n_val: int, seed: int = 0):
     a, b = n_train, n_train + n_val
     tensors = {"x_train": x[:a], "y_train": y[:a], "x_val": x[a:b], "y_val": y[a:b], "x_test": x[b:], "y_test": y[b:]}
     schema = {
-        "task": "classification", "binary": False, "n_classes": 10, "label_names": [str(i) for i in range(10)],
-        "input_shape": [1, 28, 28], "output_size": 10, "key": "synthetic-digits",
+        "task": "classification",
+        "binary": False,
+        "n_classes": 10,
+        "label_names": [str(i) for i in range(10)],
+        "input_shape": [1, 28, 28],
+        "output_size": 10,
+        "key": "synthetic-digits",
         "normalize": {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]},
-    }  # fmt: skip
+    }
     return Prepared(tensors, schema)
 
 
@@ -115,7 +122,7 @@ class GraphLog(logging.Handler):
         if record.levelno >= logging.WARNING:  # warnings still reach the console
             logging.getLogger().handle(record)
 
-    def __enter__(self) -> "GraphLog":
+    def __enter__(self) -> GraphLog:
         # train_model's INFO lines reach this handler only; the console keeps its WARNING level
         self.logger = logging.getLogger("trainyard.train")
         self.saved = self.logger.level, self.logger.propagate

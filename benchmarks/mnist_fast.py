@@ -22,40 +22,42 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, GraphLog, emit, note, sync
-
 import torch
+from _common import REPO, GraphLog, emit, note, sync
 
 from pipelines.config import load_config
 from tasks.evaluate import evaluate_model
 from tasks.ingest_mnist import ingest_mnist
-from tasks.train import pick_device, train_model
+from tasks.runtime import pick_device
+from tasks.train import train_model
 
 DEFAULT_ROOT = os.environ.get("MNIST_ROOT") or str(REPO.parent / "shared" / "data" / "mnist")
 
 
 def test_accuracy(prepared, cfg, checkpoint, out_dir: Path) -> float:
     """evaluate_model's test accuracy; where matplotlib (its confusion-matrix figure) is missing, the same
-    accuracy from tasks.train.evaluate_split on the same checkpoint."""
+    accuracy from tasks.forward.evaluate_split on the same checkpoint."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        from models import build_model
+        from tasks.checkpoint import load_weights
         from tasks.data import TensorSplit, make_loader
-        from tasks.train import evaluate_split, is_conv, load_weights, loss_for, pick_precision, predictions
+        from tasks.forward import evaluate_split, predictions
+        from tasks.optimisation import loss_for
+        from tasks.runtime import pick_precision, place_model
 
+        schema = prepared.schema
         dev = pick_device(cfg.train.device)
-        model = build_model(cfg.model.name, prepared.schema, cfg.model)
+        model, channels_last = place_model(cfg.model, schema, dev)
         model.load_state_dict(load_weights(checkpoint)["model_state"])
-        model.to(dev)
-        cl = dev.type == "cuda" and is_conv(model)
-        if cl:
-            model = model.to(memory_format=torch.channels_last)
         loader = make_loader(TensorSplit.from_prepared(prepared, "test"), cfg.train.eval_batch_size, shuffle=False)
-        ev = evaluate_split(model, loader, loss_for(prepared.schema), prepared.schema, dev, pick_precision("auto", dev), cl)
-        return float((predictions(ev.outputs, prepared.schema) == ev.targets).float().mean())
-    ev = evaluate_model(prepared, cfg.model, checkpoint, out_dir, device=cfg.train.device, batch_size=cfg.train.eval_batch_size)
-    return ev["metrics"]["test/accuracy"]
+        precision = pick_precision("auto", dev)
+        ev = evaluate_split(model, loader, loss_for(schema), schema, dev, precision, channels_last)
+        return float((predictions(ev.outputs, schema) == ev.targets).float().mean())
+    ev = evaluate_model(
+        prepared, cfg.model, checkpoint, out_dir, device=cfg.train.device, batch_size=cfg.train.eval_batch_size
+    )
+    return ev.metrics["test/accuracy"]
 
 
 def record_style_loop(prepared, device, seed: int, epochs: int = 8, batch: int = 256) -> tuple[float, float]:
@@ -69,16 +71,19 @@ def record_style_loop(prepared, device, seed: int, epochs: int = 8, batch: int =
     x = torch.cat([prepared.tensors["x_train"], prepared.tensors["x_val"]]).to(device)
     y = torch.cat([prepared.tensors["y_train"], prepared.tensors["y_val"]]).to(device)
     xt, yt = prepared.tensors["x_test"].to(device), prepared.tensors["y_test"].to(device)
-    model = nn.Sequential(
-        nn.Conv2d(1, 24, 5, padding=2), nn.BatchNorm2d(24), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(24, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
-    ).to(device).to(memory_format=torch.channels_last)  # fmt: skip
+    conv1 = [nn.Conv2d(1, 24, 5, padding=2), nn.BatchNorm2d(24), nn.ReLU(), nn.MaxPool2d(2)]
+    conv2 = [nn.Conv2d(24, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2)]
+    head = [nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10)]
+    model = nn.Sequential(*conv1, *conv2, *head).to(device).to(memory_format=torch.channels_last)
     steps = epochs * ((x.shape[0] + batch - 1) // batch)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.7, 0.9), **({"fused": True} if device.type == "cuda" else {}))
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.7, 0.9), **fused)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        amp = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        amp = torch.autocast("cpu", enabled=False)
     g = torch.Generator(device=device)
     g.manual_seed(seed)
 
@@ -107,7 +112,7 @@ def record_style_loop(prepared, device, seed: int, epochs: int = 8, batch: int =
     return acc, seconds
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mnist-root", default=DEFAULT_ROOT, help="folder with t10k-images/labels-idx*-ubyte[.gz]")
     parser.add_argument("--seeds", type=int, default=3)
@@ -115,10 +120,69 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, two epochs (a smoke run; not the target)")
     parser.add_argument("--name", default="mnist_fast", help="name of the result line")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain record-style loop")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def train_seeds(prepared, cfg, device, seeds: int, tmp: Path) -> dict[str, list]:
+    """train_model once per seed after a one-epoch warm-up: accuracies, seconds, CUDA graph log lines."""
+    warm = cfg.train.model_copy(update={"epochs": 1})
+    train_model(prepared, cfg.model, cfg.optim, cfg.schedule, warm, tmp / "warm")
+    runs: dict[str, list] = {"accuracy": [], "train_seconds": [], "call_seconds": [], "graph_log": []}
+    for seed in range(seeds):
+        tc = cfg.train.model_copy(update={"seed": seed})
+        sync(device)
+        t = time.perf_counter()
+        with GraphLog() as graph_log:  # with train.cuda_graph: replays, or why the capture failed
+            result = train_model(prepared, cfg.model, cfg.optim, cfg.schedule, tc, tmp / f"s{seed}")
+        runs["graph_log"] += graph_log.lines
+        sync(device)
+        runs["call_seconds"].append(time.perf_counter() - t)
+        runs["train_seconds"].append(result.seconds)
+        runs["accuracy"].append(test_accuracy(prepared, cfg, result.checkpoint, tmp / f"ev{seed}"))
+    return runs
+
+
+def baseline(prepared, device, seeds: int) -> dict:
+    record_style_loop(prepared, device, seed=99, epochs=1)  # warm-up
+    runs = [record_style_loop(prepared, device, seed) for seed in range(seeds)]
+    return {
+        "name": "plain record-style loop, same run (8 epochs, shifts, batch 256)",
+        "accuracy": round(statistics.mean(a for a, _ in runs), 5),
+        "train_seconds": round(statistics.mean(s for _, s in runs), 4),
+    }
+
+
+def report(args, cfg, device, runs: dict[str, list], base: dict | None) -> None:
+    acc, secs = statistics.mean(runs["accuracy"]), statistics.mean(runs["train_seconds"])
+    per_seed = {
+        "accuracy": [round(a, 5) for a in runs["accuracy"]],
+        "train_seconds": [round(s, 4) for s in runs["train_seconds"]],
+    }
+    emit(
+        args.name,
+        test_accuracy=round(acc, 5),
+        train_seconds=round(secs, 4),
+        call_seconds=round(statistics.mean(runs["call_seconds"]), 4),
+        per_seed=per_seed,
+        seeds=args.seeds,
+        epochs=cfg.train.epochs,
+        batch_size=cfg.train.batch_size,
+        device=str(device),
+        **({"graph_log": runs["graph_log"]} if cfg.train.cuda_graph else {}),
+        baseline=base or {"name": "none measured in this run (--no-baseline or --quick)"},
+        ratio=secs / base["train_seconds"] if base else None,
+        target=">= 0.993 mean test accuracy and <= 0.5 s training on a GPU, faster than the plain loop "
+        "(ratio: seconds / baseline seconds)",
+        # judged only where it applies: on a GPU, against a plain loop measured in this run
+        met=(acc >= 0.993 and secs <= 0.5 and secs < base["train_seconds"]) if base and device.type == "cuda" else None,
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    overrides = [f"data.root={args.mnist_root}", "data.split=t10k", "data.n_train=8000", "data.download=false",
-                 *args.overrides]  # fmt: skip
+    data = [f"data.root={args.mnist_root}", "data.split=t10k", "data.n_train=8000", "data.download=false"]
+    overrides = [*data, *args.overrides]
     if args.quick:
         overrides.append("train.epochs=2")
         args.seeds = 1
@@ -133,43 +197,19 @@ def main(argv=None) -> None:
         _, _, build = ingest_mnist(cfg.data, Path(tmp))
         prepared = build()
         sizes = {k: int(v.shape[0]) for k, v in prepared.tensors.items() if k.startswith("y_")}
-        note(f"{args.name}.settings", device=str(device), overrides=args.overrides, quick=args.quick, split=sizes,
-             model=cfg.model.model_dump(), optim=cfg.optim.model_dump(), schedule=cfg.schedule.model_dump(),
-             train=cfg.train.model_dump())  # fmt: skip
-
-        warm = cfg.train.model_copy(update={"epochs": 1})
-        train_model(prepared, cfg.model, cfg.optim, cfg.schedule, warm, Path(tmp) / "warm")
-        accs, train_s, call_s, graph_lines = [], [], [], []
-        for seed in range(args.seeds):
-            tc = cfg.train.model_copy(update={"seed": seed})
-            sync(device)
-            t = time.perf_counter()
-            with GraphLog() as graph_log:  # with train.cuda_graph: replays, or why the capture failed
-                result = train_model(prepared, cfg.model, cfg.optim, cfg.schedule, tc, Path(tmp) / f"s{seed}")
-            graph_lines += graph_log.lines
-            sync(device)
-            call_s.append(time.perf_counter() - t)
-            train_s.append(result.seconds)
-            accs.append(test_accuracy(prepared, cfg, result.checkpoint, Path(tmp) / f"ev{seed}"))
-        base = None
-        if not args.no_baseline and not args.quick:
-            record_style_loop(prepared, device, seed=99, epochs=1)  # warm-up
-            runs = [record_style_loop(prepared, device, seed) for seed in range(args.seeds)]
-            base = {"name": "plain record-style loop, same run (8 epochs, shifts, batch 256)",
-                    "accuracy": round(statistics.mean(a for a, _ in runs), 5),
-                    "train_seconds": round(statistics.mean(s for _, s in runs), 4)}  # fmt: skip
-    acc, secs = statistics.mean(accs), statistics.mean(train_s)
-    emit(
-        args.name, test_accuracy=round(acc, 5), train_seconds=round(secs, 4), call_seconds=round(statistics.mean(call_s), 4),
-        per_seed={"accuracy": [round(a, 5) for a in accs], "train_seconds": [round(s, 4) for s in train_s]},
-        seeds=args.seeds, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, device=str(device),
-        **({"graph_log": graph_lines} if cfg.train.cuda_graph else {}),
-        baseline=base or {"name": "none measured in this run (--no-baseline or --quick)"},
-        ratio=secs / base["train_seconds"] if base else None,
-        target=">= 0.993 mean test accuracy and <= 0.5 s training on a GPU, faster than the plain loop (ratio: seconds / baseline seconds)",
-        # judged only where it applies: on a GPU, against a plain loop measured in this run
-        met=(acc >= 0.993 and secs <= 0.5 and secs < base["train_seconds"]) if base and device.type == "cuda" else None,
-    )  # fmt: skip
+        sections = {"model": cfg.model, "optim": cfg.optim, "schedule": cfg.schedule, "train": cfg.train}
+        sections = {name: section.model_dump() for name, section in sections.items()}
+        note(
+            f"{args.name}.settings",
+            device=str(device),
+            overrides=args.overrides,
+            quick=args.quick,
+            **sections,
+            split=sizes,
+        )
+        runs = train_seeds(prepared, cfg, device, args.seeds, Path(tmp))
+        base = baseline(prepared, device, args.seeds) if not args.no_baseline and not args.quick else None
+    report(args, cfg, device, runs, base)
 
 
 if __name__ == "__main__":

@@ -26,18 +26,26 @@ import os
 import tempfile
 import time
 
-from _common import GraphLog, Timer, digits_prepared, emit, note, sync
-
 import torch
 import torch.nn.functional as F
+from _common import GraphLog, Timer, digits_prepared, emit, note, sync
 
 from models import build_model
 from pipelines.config import ModelConfig, OptimConfig, ScheduleConfig, TrainSection
-from tasks.train import autocast_ctx, pick_device, pick_precision, train_model
+from tasks.runtime import autocast_ctx, pick_device, pick_precision
+from tasks.train import train_model
 
 MEAN, STD = 0.1307, 0.3081
-EXAMPLES_NET = dict(name="cnn", channels=[32, 64], kernel_size=3, padding="valid", pool="last", conv_dropout=0.25,
-                    hidden=[128], dropout=0.5)  # fmt: skip
+EXAMPLES_NET = {
+    "name": "cnn",
+    "channels": [32, 64],
+    "kernel_size": 3,
+    "padding": "valid",
+    "pool": "last",
+    "conv_dropout": 0.25,
+    "hidden": [128],
+    "dropout": 0.5,
+}
 LR = 1e-3
 
 
@@ -53,23 +61,27 @@ def new_model(device, channels_last: bool):
 # ---- contenders -------------------------------------------------------------------------------------
 
 
-def run_trainyard(prepared, args, device, *, compile_mode: str | None = None, cuda_graph: bool = False) -> tuple[float, dict]:
+def run_trainyard(
+    prepared, args, device, *, compile_mode: str | None = None, cuda_graph: bool = False
+) -> tuple[float, dict]:
     """images/s of train_model after a warm-up call; with compile, the steady-state epochs (2..E)."""
-    train = dict(epochs=args.epochs, batch_size=args.batch_size, device=device.type, progress="log", cuda_graph=cuda_graph)
+    train = {"batch_size": args.batch_size, "device": device.type, "progress": "log", "cuda_graph": cuda_graph}
     if compile_mode:
         train.update(compile=True, compile_mode=compile_mode)
     warm = digits_prepared(min(args.batch_size * 20, args.n), args.n_val, seed=1)
+    optim = OptimConfig(name="adam", lr=LR)
     with tempfile.TemporaryDirectory() as tmp:
-        train_model(warm, model_cfg(), OptimConfig(name="adam", lr=LR), ScheduleConfig(),
-                    TrainSection(**{**train, "epochs": 1}), tmp)  # fmt: skip
+        train_model(warm, model_cfg(), optim, ScheduleConfig(), TrainSection(**train, epochs=1), tmp)
         sync(device)
-        result = train_model(prepared, model_cfg(), OptimConfig(name="adam", lr=LR), ScheduleConfig(), TrainSection(**train), tmp)
+        result = train_model(
+            prepared, model_cfg(), optim, ScheduleConfig(), TrainSection(**train, epochs=args.epochs), tmp
+        )
     n = prepared.tensors["y_train"].shape[0]
     if compile_mode and args.epochs >= 2:
         steady = sum(h["seconds"] for h in result.history[1:])
         return n * (args.epochs - 1) / steady, {"seconds": round(steady, 4), "epochs_timed": args.epochs - 1}
-    return n * args.epochs / result.seconds, {"seconds": round(result.seconds, 4), "epochs_timed": args.epochs,
-                                             "precision": result.precision}  # fmt: skip
+    info = {"seconds": round(result.seconds, 4), "epochs_timed": args.epochs, "precision": result.precision}
+    return n * args.epochs / result.seconds, info
 
 
 def run_plain(prepared, args, device) -> tuple[float, dict]:
@@ -77,7 +89,7 @@ def run_plain(prepared, args, device) -> tuple[float, dict]:
     torch.manual_seed(0)
     cl = device.type == "cuda"
     precision = pick_precision("auto", device)
-    x = ((prepared.tensors["x_train"].to(device).float() / 255 - MEAN) / STD)
+    x = (prepared.tensors["x_train"].to(device).float() / 255 - MEAN) / STD
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
     y = prepared.tensors["y_train"].to(device)
@@ -144,8 +156,8 @@ def run_tutorial(prepared, args, device) -> tuple[float, dict]:
     with Timer(device) as t:
         for _ in range(epochs):
             epoch()
-    return len(ds) * epochs / t.seconds, {"seconds": round(t.seconds, 4), "batch_size": 64, "precision": "fp32",
-                                          "epochs_timed": epochs}  # fmt: skip
+    info = {"seconds": round(t.seconds, 4), "batch_size": 64, "precision": "fp32", "epochs_timed": epochs}
+    return len(ds) * epochs / t.seconds, info
 
 
 def import_lightning():
@@ -161,6 +173,15 @@ def import_lightning():
         return pl, "pytorch_lightning"
     except ImportError:
         return None, None
+
+
+# what Trainer.fit would write or print besides training, off so that it does not count in the time
+QUIET_TRAINER = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
 
 
 def run_lightning(pl, prepared, args, device) -> tuple[float, dict]:
@@ -198,14 +219,18 @@ def run_lightning(pl, prepared, args, device) -> tuple[float, dict]:
     workers = min(4, max((os.cpu_count() or 2) - 1, 1))
 
     def fit(data, epochs):
-        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                                             pin_memory=cl, persistent_workers=True)  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=args.batch_size, shuffle=True, num_workers=workers, pin_memory=cl, persistent_workers=True
+        )
         timer = EpochTimer()
         trainer = pl.Trainer(
-            max_epochs=epochs, accelerator="gpu" if cl else "cpu", devices=1,
-            precision="bf16-mixed" if cl else "32-true", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-        )  # fmt: skip
+            max_epochs=epochs,
+            accelerator="gpu" if cl else "cpu",
+            devices=1,
+            precision="bf16-mixed" if cl else "32-true",
+            callbacks=[timer],
+            **QUIET_TRAINER,
+        )
         with Timer(device) as t:
             trainer.fit(Module(), loader)
         return timer.seconds, t.seconds
@@ -213,15 +238,17 @@ def run_lightning(pl, prepared, args, device) -> tuple[float, dict]:
     fit(torch.utils.data.Subset(ds, range(min(len(ds), args.batch_size * 20))), 1)  # warm-up
     epoch_seconds, fit_seconds = fit(ds, args.epochs)
     return len(ds) * args.epochs / sum(epoch_seconds), {
-        "seconds": round(sum(epoch_seconds), 4), "fit_wall_seconds": round(fit_seconds, 4), "workers": workers,
+        "seconds": round(sum(epoch_seconds), 4),
+        "fit_wall_seconds": round(fit_seconds, 4),
+        "workers": workers,
         "timed": "train epochs (callback), excluding Trainer set-up",
-    }  # fmt: skip
+    }
 
 
 # ---- main ---------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=0, help="training images (default 60000 on CUDA, 2000 on CPU)")
     parser.add_argument("--epochs", type=int, default=0, help="timed epochs (default 3 on CUDA, 1 on CPU)")
@@ -230,7 +257,107 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="small sizes")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (CUDA only)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def compare_eager(prepared, args, device, common: dict) -> tuple[float, float, float | None]:
+    """Trainyard's default step against the plain loop, the tutorial style and Lightning: the three
+    result lines, and (trainyard, plain, lightning or None) images/s."""
+    cuda = device.type == "cuda"
+    ty, ty_info = run_trainyard(prepared, args, device)
+    plain, plain_info = run_plain(prepared, args, device)
+    gpu_note = "" if cuda else " (targets are for a GPU; CPU figure for reference)"
+    emit(
+        "train_throughput.trainyard_vs_plain",
+        images_per_s=round(ty, 1),
+        trainyard=ty_info,
+        **common,
+        baseline={"name": "plain GPU-resident loop", "images_per_s": round(plain, 1), **plain_info},
+        ratio=ty / plain,
+        target=">= 1.0x (stretch 1.5x) on a GPU" + gpu_note,
+        met=ty / plain >= 1.0 if cuda else None,
+    )
+
+    tut, tut_info = run_tutorial(prepared, args, device)
+    tutorial = {"name": "tutorial style (per-item Dataset, batch 64, fp32)", "images_per_s": round(tut, 1), **tut_info}
+    emit(
+        "train_throughput.trainyard_vs_tutorial",
+        images_per_s=round(ty, 1),
+        **common,
+        baseline=tutorial,
+        ratio=ty / tut,
+        target="> 1.0x (no target in the issue; for reference)",
+        met=ty / tut > 1.0,
+    )
+
+    pl, pl_name = import_lightning()
+    if pl is None:
+        note("train_throughput.trainyard_vs_lightning", skipped="neither lightning nor pytorch_lightning is importable")
+        return ty, plain, None
+    lt, lt_info = run_lightning(pl, prepared, args, device)
+    lightning = {"name": f"{pl_name} Trainer.fit", "images_per_s": round(lt, 1), "version": pl.__version__, **lt_info}
+    emit(
+        "train_throughput.trainyard_vs_lightning",
+        images_per_s=round(ty, 1),
+        **common,
+        baseline=lightning,
+        ratio=ty / lt,
+        target=">= 2.0x on a GPU" + gpu_note,
+        met=ty / lt >= 2.0 if cuda else None,
+    )
+    return ty, plain, lt
+
+
+def compare_graph(prepared, args, device, common: dict, ty: float, plain: float, lt: float | None) -> None:
+    """train.cuda_graph (the whole step replayed from one CUDA graph) against the plain loop."""
+    name = "train_throughput.trainyard_graph_vs_plain"
+    try:
+        with GraphLog() as graph_log:
+            tg, tg_info = run_trainyard(prepared, args, device, cuda_graph=True)
+        tg_info["graph_log"] = graph_log.lines  # replays and eager steps; a failed capture says so here
+    except Exception as exc:  # report rather than stop: the other figures still count
+        note(name, skipped=f"train.cuda_graph failed: {type(exc).__name__}: {exc}")
+        return
+    emit(
+        name,
+        images_per_s=round(tg, 1),
+        trainyard=tg_info,
+        **common,
+        cuda_graph=True,
+        baseline={"name": "plain GPU-resident loop", "images_per_s": round(plain, 1)},
+        ratio=tg / plain,
+        target=">= 1.0x (stretch 1.5x, with CUDA graphs)",
+        met=tg / plain >= 1.0,
+        stretch_met=tg / plain >= 1.5,
+        eager_images_per_s=round(ty, 1),
+        vs_lightning=round(tg / lt, 3) if lt is not None else None,
+    )
+
+
+def compare_compiled(prepared, args, device, common: dict, ty: float, plain: float) -> None:
+    """torch.compile(mode="reduce-overhead") against the plain loop."""
+    name = "train_throughput.trainyard_compiled_vs_plain"
+    try:
+        tc, tc_info = run_trainyard(prepared, args, device, compile_mode="reduce-overhead")
+    except Exception as exc:  # compile needs a working toolchain; report rather than stop
+        note(name, skipped=f"torch.compile failed: {type(exc).__name__}: {exc}")
+        return
+    emit(
+        name,
+        images_per_s=round(tc, 1),
+        trainyard=tc_info,
+        **common,
+        compile_mode="reduce-overhead",
+        baseline={"name": "plain GPU-resident loop", "images_per_s": round(plain, 1)},
+        ratio=tc / plain,
+        target=">= 1.0x; train.compile stays off unless this beats trainyard_vs_plain",
+        met=tc / plain >= 1.0,
+        uncompiled_images_per_s=round(ty, 1),
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = pick_device(args.device)
     cuda = device.type == "cuda"
@@ -241,55 +368,13 @@ def main(argv=None) -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     prepared = digits_prepared(args.n, args.n_val)
     common = {"n_train": args.n, "epochs": args.epochs, "batch_size": args.batch_size, "device": str(device)}
-    note("train_throughput.settings", **common, n_val=args.n_val, model="examples net (cnn valid/pool-last)",
-         torch=torch.__version__)  # fmt: skip
-
-    ty, ty_info = run_trainyard(prepared, args, device)
-    plain, plain_info = run_plain(prepared, args, device)
-    gpu_note = "" if cuda else " (targets are for a GPU; CPU figure for reference)"
-    emit("train_throughput.trainyard_vs_plain", images_per_s=round(ty, 1), trainyard=ty_info, **common,
-         baseline={"name": "plain GPU-resident loop", "images_per_s": round(plain, 1), **plain_info},
-         ratio=ty / plain, target=">= 1.0x (stretch 1.5x) on a GPU" + gpu_note, met=ty / plain >= 1.0 if cuda else None)  # fmt: skip
-
-    tut, tut_info = run_tutorial(prepared, args, device)
-    emit("train_throughput.trainyard_vs_tutorial", images_per_s=round(ty, 1), **common,
-         baseline={"name": "tutorial style (per-item Dataset, batch 64, fp32)", "images_per_s": round(tut, 1), **tut_info},
-         ratio=ty / tut, target="> 1.0x (no target in the issue; for reference)", met=ty / tut > 1.0)  # fmt: skip
-
-    pl, pl_name = import_lightning()
-    if pl is None:
-        note("train_throughput.trainyard_vs_lightning", skipped="neither lightning nor pytorch_lightning is importable")
-    else:
-        lt, lt_info = run_lightning(pl, prepared, args, device)
-        emit("train_throughput.trainyard_vs_lightning", images_per_s=round(ty, 1), **common,
-             baseline={"name": f"{pl_name} Trainer.fit", "images_per_s": round(lt, 1), "version": pl.__version__, **lt_info},
-             ratio=ty / lt, target=">= 2.0x on a GPU" + gpu_note, met=ty / lt >= 2.0 if cuda else None)  # fmt: skip
-
+    model = "examples net (cnn valid/pool-last)"
+    note("train_throughput.settings", **common, n_val=args.n_val, model=model, torch=torch.__version__)
+    ty, plain, lt = compare_eager(prepared, args, device, common)
     if cuda:
-        try:
-            with GraphLog() as graph_log:
-                tg, tg_info = run_trainyard(prepared, args, device, cuda_graph=True)
-            tg_info["graph_log"] = graph_log.lines  # replays and eager steps; a failed capture says so here
-        except Exception as exc:  # report rather than stop: the other figures still count
-            note("train_throughput.trainyard_graph_vs_plain", skipped=f"train.cuda_graph failed: {type(exc).__name__}: {exc}")
-        else:
-            emit("train_throughput.trainyard_graph_vs_plain", images_per_s=round(tg, 1), trainyard=tg_info, **common,
-                 cuda_graph=True, baseline={"name": "plain GPU-resident loop", "images_per_s": round(plain, 1)},
-                 ratio=tg / plain, target=">= 1.0x (stretch 1.5x, with CUDA graphs)", met=tg / plain >= 1.0,
-                 stretch_met=tg / plain >= 1.5, eager_images_per_s=round(ty, 1),
-                 vs_lightning=round(tg / lt, 3) if pl is not None else None)  # fmt: skip
-
+        compare_graph(prepared, args, device, common, ty, plain, lt)
     if cuda and not args.no_compile:
-        try:
-            tc, tc_info = run_trainyard(prepared, args, device, compile_mode="reduce-overhead")
-        except Exception as exc:  # compile needs a working toolchain; report rather than stop
-            note("train_throughput.trainyard_compiled_vs_plain", skipped=f"torch.compile failed: {type(exc).__name__}: {exc}")
-        else:
-            emit("train_throughput.trainyard_compiled_vs_plain", images_per_s=round(tc, 1), trainyard=tc_info, **common,
-                 compile_mode="reduce-overhead",
-                 baseline={"name": "plain GPU-resident loop", "images_per_s": round(plain, 1)},
-                 ratio=tc / plain, target=">= 1.0x; train.compile stays off unless this beats trainyard_vs_plain",
-                 met=tc / plain >= 1.0, uncompiled_images_per_s=round(ty, 1))  # fmt: skip
+        compare_compiled(prepared, args, device, common, ty, plain)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ conv stack and the head. With `channels=[32, 64]`, `padding=valid`, `pool=last`,
 
 from torch import nn
 
-from models.mlp import mlp_layers
 from models.config import ModelConfig
+from models.mlp import mlp_layers
 from models.registry import activation
 from tasks.errors import ModelError
 
@@ -37,9 +37,11 @@ def build_cnn(input_shape: list[int], output_size: int, cfg: ModelConfig) -> nn.
     pool_each = cfg.pool == "each"
     kernels = _kernel_sizes(cfg)
     blocks: list[nn.Module] = []
-    for i, (out_channels, k) in enumerate(zip(cfg.channels, kernels)):
+    for i, (out_channels, k) in enumerate(zip(cfg.channels, kernels, strict=True)):
         if valid and (height < k or width < k):
-            raise ModelError(f"model 'cnn': a {k}x{k} valid conv does not fit the {height}x{width} maps of block {i + 1}")
+            raise ModelError(
+                f"model 'cnn': a {k}x{k} valid conv does not fit the {height}x{width} maps of block {i + 1}"
+            )
         blocks.append(nn.Conv2d(channels, out_channels, k, padding=0 if valid else k // 2))
         if valid:
             height, width = height - k + 1, width - k + 1

@@ -38,7 +38,9 @@ class ModelConfig(Section):
 
     name: Literal[tuple(MODELS)] = Field("mlp", title="Model", description="Architecture from the model registry.")
     hidden: list[int] = Field(
-        default_factory=lambda: [128, 64], title="Hidden sizes", description="Hidden layer widths (mlp; the cnn's head)."
+        default_factory=lambda: [128, 64],
+        title="Hidden sizes",
+        description="Hidden layer widths (mlp; the cnn's head).",
     )
     activation: Literal[ACTIVATIONS] = Field("relu", title="Activation", description="Activation between layers.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, title="Dropout", description="Dropout probability after hidden layers.")
@@ -72,4 +74,3 @@ class ModelConfig(Section):
     @classmethod
     def uses(cls, choice: str) -> tuple[str, ...]:
         return MODELS[choice].uses
-

@@ -16,27 +16,28 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from tasks.data import TensorSplit, make_loader, order_generator
+from tasks.data import Normalize, TensorSplit, make_loader, order_generator
+from tasks.errors import TrainingError
 from tasks.prepared import Prepared
+from tasks.train_config import TrainSection
 
 log = logging.getLogger("trainyard.train")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Split = tuple[torch.Tensor, torch.Tensor]  # a whole split's (inputs, targets), as stored
 
 
 # ---- per-batch preparation on the device -------------------------------------------------------
 
 
 class BatchPrep:
-    """Stored batch -> model input on the device: optional random shifts, float32, normalisation, layout.
-
-    Normalisation `(x * scale - mean) / std` is folded into one multiply-add `x * a + b`.
-    """
+    """Stored batch -> model input on the device: optional random shifts, float32, normalisation, layout."""
 
     def __init__(
         self,
@@ -52,20 +53,14 @@ class BatchPrep:
         self.channels_last = channels_last
         self.shift = shift
         self.generator = generator
-        self.a = self.b = None
-        if norm:
-            shape = (1, -1) + (1,) * (input_ndim - 1)
-            mean = torch.tensor(norm["mean"], dtype=torch.float64)
-            std = torch.tensor(norm["std"], dtype=torch.float64)
-            self.a = (norm["scale"] / std).to(torch.float32).view(shape).to(device)
-            self.b = (-mean / std).to(torch.float32).view(shape).to(device)
+        self.normalize = Normalize(norm, input_ndim, device) if norm else None
 
     def __call__(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         if train and self.shift and x.dim() == 4:
             x = random_shift(x, self.shift, self.generator)
         x = x.to(torch.float32)
-        if self.a is not None:
-            x = torch.addcmul(self.b, x, self.a)
+        if self.normalize is not None:
+            x = self.normalize(x)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -238,37 +233,55 @@ class Batches:
             g.set_state(state[name])
 
 
-def make_batches(prepared: Prepared, train_cfg, device: torch.device, *, channels_last: bool = False) -> Batches:
-    """The train and val batch sources for `train_cfg` on `device`, resident when the data fits."""
-    x_train, y_train = prepared.split("train")
-    x_val, y_val = prepared.split("val")
-    norm = prepared.schema.get("normalize")
-    shift = getattr(train_cfg, "shift_pixels", 2) if getattr(train_cfg, "augment", "none") == "shift" else 0
-    if shift and x_train.dim() != 4:
-        from tasks.errors import TrainingError
-
+def _shift_pixels(train_cfg: TrainSection, x_train: torch.Tensor) -> int:
+    """The largest random shift of train.augment=shift (0: no augmentation); images only."""
+    if train_cfg.augment != "shift":
+        return 0
+    if x_train.dim() != 4:
         raise TrainingError(
             f"train.augment=shift needs image inputs shaped CxHxW; this dataset's inputs are shaped "
             f"{list(x_train.shape[1:])}; use train.augment=none"
         )
-    aug_gen = torch.Generator(device=device)
-    aug_gen.manual_seed(train_cfg.seed + 1)
-    prep = BatchPrep(norm, x_train.dim() - 1, device, channels_last=channels_last, shift=shift, generator=aug_gen)
-    plan = plan_residency(
-        getattr(train_cfg, "gpu_resident", "auto"), device, nbytes(x_train, y_train, x_val, y_val),
-        getattr(train_cfg, "gpu_memory_share", 0.5),
-    )  # fmt: skip
-    log.info("batches: %s (%s)", "device-resident" if plan.resident else "DataLoader", plan.reason)
-    if plan.resident:
-        train = ResidentBatcher(
-            x_train, y_train, train_cfg.batch_size, device=device, shuffle=train_cfg.shuffle, seed=train_cfg.seed, prep=prep
-        )
-        val = ResidentBatcher(x_val, y_val, train_cfg.eval_batch_size, device=device, shuffle=False, prep=prep, train=False)
-        return Batches(train, val, plan)
+    return train_cfg.shift_pixels
+
+
+def _resident(
+    train_cfg: TrainSection, train: Split, val: Split, device: torch.device, prep: BatchPrep
+) -> tuple[ResidentBatcher, ResidentBatcher]:
+    size, seed = train_cfg.batch_size, train_cfg.seed
+    train_batches = ResidentBatcher(*train, size, device=device, shuffle=train_cfg.shuffle, seed=seed, prep=prep)
+    val_batches = ResidentBatcher(*val, train_cfg.eval_batch_size, device=device, shuffle=False, prep=prep, train=False)
+    return train_batches, val_batches
+
+
+def _loaders(
+    train_cfg: TrainSection, train: Split, val: Split, device: torch.device, prep: BatchPrep
+) -> tuple[LoaderBatcher, LoaderBatcher]:
     pin = device.type == "cuda"
     train_loader = make_loader(
-        TensorSplit(x_train, y_train), train_cfg.batch_size, shuffle=train_cfg.shuffle,
-        num_workers=train_cfg.num_workers, seed=train_cfg.seed, pin_memory=pin,
-    )  # fmt: skip
-    val_loader = make_loader(TensorSplit(x_val, y_val), train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
-    return Batches(LoaderBatcher(train_loader, device, prep), LoaderBatcher(val_loader, device, prep, train=False), plan)
+        TensorSplit(*train),
+        train_cfg.batch_size,
+        shuffle=train_cfg.shuffle,
+        num_workers=train_cfg.num_workers,
+        seed=train_cfg.seed,
+        pin_memory=pin,
+    )
+    val_loader = make_loader(TensorSplit(*val), train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
+    return LoaderBatcher(train_loader, device, prep), LoaderBatcher(val_loader, device, prep, train=False)
+
+
+def make_batches(
+    prepared: Prepared, train_cfg: TrainSection, device: torch.device, *, channels_last: bool = False
+) -> Batches:
+    """The train and val batch sources for `train_cfg` on `device`, resident when the data fits."""
+    train, val = prepared.split("train"), prepared.split("val")
+    shift = _shift_pixels(train_cfg, train[0])
+    aug_gen = torch.Generator(device=device)
+    aug_gen.manual_seed(train_cfg.seed + 1)
+    norm = prepared.schema.get("normalize")
+    prep = BatchPrep(norm, train[0].dim() - 1, device, channels_last=channels_last, shift=shift, generator=aug_gen)
+    needed = nbytes(*train, *val)
+    plan = plan_residency(train_cfg.gpu_resident, device, needed, train_cfg.gpu_memory_share)
+    log.info("batches: %s (%s)", "device-resident" if plan.resident else "DataLoader", plan.reason)
+    build = _resident if plan.resident else _loaders
+    return Batches(*build(train_cfg, train, val, device, prep), plan)

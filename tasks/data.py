@@ -1,9 +1,10 @@
 """Data stage: Datasets and DataLoaders over a prepared dataset's tensors.
 
-`TensorSplit.from_prepared` converts a split once (uint8 images scaled and normalised to
-float32; evaluation uses it). Training goes through tasks/batching.py, which keeps the
-stored tensors as they are (uint8 stays uint8) and normalises each batch on the device;
-its fallback path is `make_loader` over a `TensorSplit` of the stored tensors. Either
+`Normalize` is the one place the schema's normalisation becomes arithmetic.
+`TensorSplit.from_prepared` converts a split once with it (uint8 images scaled and
+normalised to float32; evaluation uses it). Training goes through tasks/batching.py, which
+keeps the stored tensors as they are (uint8 stays uint8) and normalises each batch on the
+device with the same `Normalize`; its fallback path is `make_loader` over a `TensorSplit` of the stored tensors. Either
 way a batch is cut by indexing tensors, never by building samples from pandas rows:
 `__getitems__` lets the DataLoader fetch a whole batch with one index operation instead
 of one `__getitem__` call and a collate per sample.
@@ -11,6 +12,7 @@ of one `__getitem__` call and a collate per sample.
 
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
@@ -18,16 +20,33 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from tasks.prepared import Prepared
 
 
+class Normalize:
+    """The schema's `normalize` ({scale, mean, std}; mean and std per channel, or per feature of a
+    table) as arithmetic: `(x * scale - mean) / std`, folded into one multiply-add `x * a + b` whose
+    factors are worked out in float64. Training batches and evaluation inputs both go through it."""
+
+    def __init__(self, norm: dict[str, Any], input_ndim: int, device: torch.device | str | None = None):
+        shape = (1, -1) + (1,) * (input_ndim - 1)  # broadcast over the batch and any spatial dims
+        mean = torch.tensor(norm["mean"], dtype=torch.float64)
+        std = torch.tensor(norm["std"], dtype=torch.float64)
+        self.a = (norm["scale"] / std).to(torch.float32).view(shape).to(device)
+        self.b = (-mean / std).to(torch.float32).view(shape).to(device)
+
+    @classmethod
+    def of(cls, schema: dict[str, Any], input_ndim: int, device: torch.device | str | None = None) -> Normalize | None:
+        """The schema's normalisation, or None when it has none."""
+        norm = schema.get("normalize")
+        return cls(norm, input_ndim, device) if norm else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.b, x.to(torch.float32), self.a)
+
+
 def features(prepared: Prepared, split: str) -> torch.Tensor:
     """The split's inputs as float32, normalised as the schema says."""
     x = prepared.tensors[f"x_{split}"]
-    norm = prepared.schema.get("normalize")
-    if norm:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean = torch.tensor(norm["mean"], dtype=torch.float32).view(shape)
-        std = torch.tensor(norm["std"], dtype=torch.float32).view(shape)
-        return (x.to(torch.float32) * norm["scale"] - mean) / std
-    return x.to(torch.float32)
+    normalize = Normalize.of(prepared.schema, x.dim() - 1)
+    return normalize(x) if normalize is not None else x.to(torch.float32)
 
 
 class TensorSplit(Dataset):
@@ -39,7 +58,7 @@ class TensorSplit(Dataset):
         self.x, self.y = x, y
 
     @classmethod
-    def from_prepared(cls, prepared: Prepared, split: str) -> "TensorSplit":
+    def from_prepared(cls, prepared: Prepared, split: str) -> TensorSplit:
         return cls(features(prepared, split), prepared.tensors[f"y_{split}"])
 
     def __len__(self) -> int:
@@ -56,7 +75,7 @@ class TensorSplit(Dataset):
 def _as_batch(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     # __getitems__ already returns [inputs, targets]; a dataset without it gives (x, y) samples.
     if isinstance(batch[0], tuple):
-        xs, ys = zip(*batch)
+        xs, ys = zip(*batch, strict=True)
         return torch.stack(xs), torch.stack(ys)
     return batch[0], batch[1]
 

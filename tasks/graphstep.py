@@ -1,8 +1,8 @@
 """The whole training step as one CUDA graph (`train.cuda_graph`).
 
-A small network on a fast GPU is bound by kernel launches and Python, not by arithmetic: the
-mnist-fast CNN spends about 2.6 ms a step launching some fifty kernels whose work takes a
-fraction of that. Here the forward pass, the backward pass, gradient clipping, the optimizer
+A small network on a fast GPU is bound by kernel launches and Python, not by arithmetic: a
+step launches dozens of kernels whose work takes a fraction of the time spent launching them.
+Here the forward pass, the backward pass, gradient clipping, the optimizer
 step and the loss bookkeeping are recorded once into a CUDA graph and replayed for every full
 batch, one launch each. Batches are copied into the graph's static input tensors; a batch of
 another size (the last one of an epoch) runs eagerly on the same parameters and optimizer state.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -165,8 +165,12 @@ class GraphedStep:
             try:
                 self.replay = self._record(lambda: self._body(self.static_x, self.static_y))
             except Exception as exc:  # e.g. a model with an operation graphs cannot hold
-                log.warning("train.cuda_graph: the step could not be recorded (%s: %s); training eagerly",
-                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+                first_line = str(exc).splitlines()[0] if str(exc) else ""
+                log.warning(
+                    "train.cuda_graph: the step could not be recorded (%s: %s); training eagerly",
+                    type(exc).__name__,
+                    first_line,
+                )
                 self.failed = True
                 self.graph = None
                 self.optimizer.zero_grad(set_to_none=True)  # whatever the failed capture left

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 from tasks.errors import LambdaExpressionError
 
@@ -62,9 +62,7 @@ def _check(node: ast.AST, text: str) -> None:
         _check(node.operand, text)
     elif isinstance(node, ast.Call):
         if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCS or node.keywords:
-            raise LambdaExpressionError(
-                f"{text!r}: only these functions may be called: {', '.join(sorted(_FUNCS))}"
-            )
+            raise LambdaExpressionError(f"{text!r}: only these functions may be called: {', '.join(sorted(_FUNCS))}")
         for arg in node.args:
             _check(arg, text)
     else:

@@ -48,9 +48,10 @@ class TrainResult:
 class Evaluation:
     """The test split's figures and the report files written beside them.
 
-    `details` holds what metrics.json holds besides the metrics (confusion matrix, per-class
-    figures, the checkpoint's epoch); `files` names report files by role (metrics_json,
-    confusion_matrix_csv, confusion_matrix_png, classification_report).
+    `details` holds what metrics.json holds besides the metrics, the task and the checkpoint's
+    epoch (classification: the confusion matrix and the per-class figures; regression: nothing);
+    `files` names report files by role (metrics_json, confusion_matrix_csv, confusion_matrix_png,
+    classification_report).
     """
 
     task: str
@@ -66,6 +67,14 @@ class StoredUnit:
 
     uri: str
     files: dict[str, dict[str, str]]
+
+    def artifact_uris(self) -> dict[str, str]:
+        """name -> URI of the files a user fetches (not the TensorBoard logs or the checkpoint)."""
+        return {k: v["uri"] for k, v in self.files.items() if not k.startswith(("tensorboard/", "checkpoints/"))}
+
+    def sha256s(self) -> dict[str, str]:
+        """name -> sha256 of every file of the unit."""
+        return {k: v["sha256"] for k, v in self.files.items()}
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,15 @@ import json
 import pytest
 import torch
 
-from tasks.evaluate import classification_metrics, confusion_figure, metric_key_part, regression_metrics, write_confusion_csv
-from tasks.storage import LocalStore, StorageError, check_key, open_store
 from tasks.errors import DataError
+from tasks.evaluate import (
+    classification_metrics,
+    confusion_figure,
+    metric_key_part,
+    regression_metrics,
+    write_confusion_csv,
+)
+from tasks.storage import LocalStore, StorageError, check_key, open_store
 
 
 def test_classification_metrics_on_known_predictions():
@@ -30,7 +36,8 @@ def test_regression_metrics():
 def test_confusion_csv_and_png(tmp_path):
     cm = [[3, 1], [0, 4]]
     write_confusion_csv(tmp_path / "cm.csv", cm, ["cat", "dog"])
-    rows = list(csv.reader(open(tmp_path / "cm.csv")))
+    with open(tmp_path / "cm.csv", newline="") as f:
+        rows = list(csv.reader(f))
     assert rows == [["true \\ predicted", "cat", "dog"], ["cat", "3", "1"], ["dog", "0", "4"]]
     fig = confusion_figure(cm, ["cat", "dog"])
     fig.savefig(tmp_path / "cm.png")
@@ -114,7 +121,9 @@ def test_the_gpu_train_step_does_not_import_the_evaluations_torchmetrics():
     import sys
     from pathlib import Path
 
-    code = "import sys, pipelines.remote; print(sorted(m for m in ('torchmetrics', 'scipy.signal') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    code = (
+        "import sys, pipelines.remote; print(sorted(m for m in ('torchmetrics', 'scipy.signal') if m in sys.modules))"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -15,8 +15,9 @@ import torch
 from pipelines.config import ModelConfig, OptimConfig, ScheduleConfig, TrainSection, load_config
 from tasks.batching import BatchPrep, LoaderBatcher, ResidentBatcher, make_batches, plan_residency, random_shift
 from tasks.errors import TrainingError
+from tasks.optimisation import build_optimizer
 from tasks.prepared import Prepared
-from tasks.train import build_optimizer, train_model
+from tasks.train import train_model
 from tests.conftest import make_digits
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -28,11 +29,24 @@ def digits(n=1200, seed=0) -> Prepared:
     x = torch.from_numpy(images).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     cut1, cut2 = int(n * 0.7), int(n * 0.85)
-    tensors = {"x_train": x[:cut1], "y_train": y[:cut1], "x_val": x[cut1:cut2], "y_val": y[cut1:cut2],
-               "x_test": x[cut2:], "y_test": y[cut2:]}  # fmt: skip
-    schema = {"task": "classification", "binary": False, "n_classes": 10, "label_names": [str(i) for i in range(10)],
-              "input_shape": [1, 28, 28], "output_size": 10, "key": "digits",
-              "normalize": {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]}}  # fmt: skip
+    tensors = {
+        "x_train": x[:cut1],
+        "y_train": y[:cut1],
+        "x_val": x[cut1:cut2],
+        "y_val": y[cut1:cut2],
+        "x_test": x[cut2:],
+        "y_test": y[cut2:],
+    }
+    schema = {
+        "task": "classification",
+        "binary": False,
+        "n_classes": 10,
+        "label_names": [str(i) for i in range(10)],
+        "input_shape": [1, 28, 28],
+        "output_size": 10,
+        "key": "digits",
+        "normalize": {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]},
+    }
     return Prepared(tensors, schema)
 
 
@@ -60,7 +74,7 @@ def test_resident_batcher_covers_every_index_once_and_reshuffles_with_the_seed()
         assert torch.equal(order.sort().values, torch.arange(n))  # every index exactly once
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])  # reshuffled per epoch
     again = epochs(seed=5)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the seed decides the sequence
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # the seed decides the sequence
     other = epochs(seed=6)
     assert not torch.equal(first[0], other[0])
     # the inputs travel with their targets
@@ -134,12 +148,16 @@ def test_both_paths_learn(resident, tmp_path):
 
     prepared = digits(1200)
     result = train_model(
-        prepared, cnn_cfg(), OptimConfig(name="adam", lr=3e-3), ScheduleConfig(),
-        TrainSection(epochs=3, batch_size=64, device="cpu", gpu_resident=resident), tmp_path / "ckpt",
-    )  # fmt: skip
+        prepared,
+        cnn_cfg(),
+        OptimConfig(name="adam", lr=3e-3),
+        ScheduleConfig(),
+        TrainSection(epochs=3, batch_size=64, device="cpu", gpu_resident=resident),
+        tmp_path / "ckpt",
+    )
     assert all(math.isfinite(h["train/loss"]) for h in result.history)
     ev = evaluate_model(prepared, cnn_cfg(), result.checkpoint, tmp_path / "ev", device="cpu")
-    assert ev["metrics"]["test/accuracy"] > 0.95
+    assert ev.metrics["test/accuracy"] > 0.95
 
 
 def test_resident_path_stops_on_nan_once_per_epoch(tmp_path):
@@ -149,19 +167,27 @@ def test_resident_path_stops_on_nan_once_per_epoch(tmp_path):
     prepared.tensors["x_train"][0, 0] = float("nan")
     with pytest.raises(TrainingError, match="training loss became nan in epoch 1"):
         train_model(
-            prepared, ModelConfig(name="mlp", hidden=[8]), OptimConfig(), ScheduleConfig(),
-            TrainSection(epochs=2, batch_size=32, device="cpu", gpu_resident="on"), tmp_path,
-        )  # fmt: skip
+            prepared,
+            ModelConfig(name="mlp", hidden=[8]),
+            OptimConfig(),
+            ScheduleConfig(),
+            TrainSection(epochs=2, batch_size=32, device="cpu", gpu_resident="on"),
+            tmp_path,
+        )
 
 
 def test_keep_last_keeps_the_final_epoch(tmp_path):
-    from tasks.train import load_weights
+    from tasks.checkpoint import load_weights
     from tests.test_train import blobs
 
     result = train_model(
-        blobs(), ModelConfig(name="mlp", hidden=[8]), OptimConfig(lr=1e-2), ScheduleConfig(),
-        TrainSection(epochs=3, batch_size=32, device="cpu", keep="last"), tmp_path,
-    )  # fmt: skip
+        blobs(),
+        ModelConfig(name="mlp", hidden=[8]),
+        OptimConfig(lr=1e-2),
+        ScheduleConfig(),
+        TrainSection(epochs=3, batch_size=32, device="cpu", keep="last"),
+        tmp_path,
+    )
     assert result.best_epoch == 3 and load_weights(result.checkpoint)["epoch"] == 3
     assert result.best_metric == result.history[-1]["val/accuracy"]
 
@@ -180,10 +206,24 @@ def test_mnist_fast_preset_builds_and_runs_an_epoch_on_cpu(tmp_path):
 def test_examples_net_is_a_cnn_option():
     from models import build_model
 
-    cfg = ModelConfig(name="cnn", channels=[32, 64], padding="valid", pool="last", conv_dropout=0.25, hidden=[128], dropout=0.5)
+    cfg = ModelConfig(
+        name="cnn", channels=[32, 64], padding="valid", pool="last", conv_dropout=0.25, hidden=[128], dropout=0.5
+    )
     model = build_model("cnn", {"input_shape": [1, 28, 28], "output_size": 10}, cfg)
     kinds = [type(m).__name__ for m in model]
-    assert kinds == ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Dropout", "Flatten", "Linear", "ReLU", "Dropout", "Linear"]
+    assert kinds == [
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Dropout",
+        "Flatten",
+        "Linear",
+        "ReLU",
+        "Dropout",
+        "Linear",
+    ]
     assert model[7].in_features == 9216
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
@@ -202,16 +242,20 @@ def test_fused_only_on_cuda_and_not_over_explicit_kwargs():
 
 @pytest.mark.parametrize("resident", ["on", "off"])
 def test_conv_batches_come_in_channels_last_when_asked(resident):
-    from tasks.train import is_conv
     from models import build_model
+    from tasks.runtime import is_conv
 
     prepared = digits(300)  # three channels: with one, both layouts have the same strides
     for k in ("x_train", "x_val", "x_test"):
         prepared.tensors[k] = prepared.tensors[k].repeat(1, 3, 1, 1)
     prepared.schema.update(input_shape=[3, 28, 28], normalize={"scale": 1 / 255, "mean": [0.1] * 3, "std": [0.3] * 3})
     for channels_last in (True, False):
-        batches = make_batches(prepared, TrainSection(batch_size=32, gpu_resident=resident), torch.device("cpu"),
-                               channels_last=channels_last)  # fmt: skip
+        batches = make_batches(
+            prepared,
+            TrainSection(batch_size=32, gpu_resident=resident),
+            torch.device("cpu"),
+            channels_last=channels_last,
+        )
         x, _ = next(iter(batches.train))
         assert x.shape == (32, 3, 28, 28)
         assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -221,7 +265,7 @@ def test_conv_batches_come_in_channels_last_when_asked(resident):
 
 
 def test_precision_is_decided_once_by_device(caplog):
-    from tasks.train import autocast_ctx, pick_precision
+    from tasks.runtime import autocast_ctx, pick_precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed to decide
     assert pick_precision("auto", cuda) == "bf16" and pick_precision("auto", cpu) == "fp32"
@@ -253,21 +297,26 @@ def test_gpu_auto_is_resident_and_learns_in_bf16_with_fused_adam(tmp_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize("resident, graph, sizes", [("on", False, (256, 16)), ("off", False, (256, 16)), ("on", True, (32, 16))])
+@pytest.mark.parametrize(
+    "resident, graph, sizes", [("on", False, (256, 16)), ("off", False, (256, 16)), ("on", True, (32, 16))]
+)
 def test_gpu_step_loop_does_not_sync_per_step(resident, graph, sizes, tmp_path):
     """Host syncs per run must not grow with the number of steps (they are per epoch). With
     cuda_graph both sizes make enough steps to capture the graph (the capture synchronises, once)."""
     prepared = digits(1024)
 
     def syncs(batch_size):
-        cfg = TrainSection(epochs=1, batch_size=batch_size, device="cuda", gpu_resident=resident, shuffle=True,
-                           cuda_graph=graph)  # fmt: skip
+        cfg = TrainSection(
+            epochs=1, batch_size=batch_size, device="cuda", gpu_resident=resident, shuffle=True, cuda_graph=graph
+        )
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_model(prepared, cnn_cfg(), OptimConfig(name="adam"), ScheduleConfig(), cfg, tmp_path / str(batch_size))
+                train_model(
+                    prepared, cnn_cfg(), OptimConfig(name="adam"), ScheduleConfig(), cfg, tmp_path / str(batch_size)
+                )
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
@@ -296,7 +345,7 @@ def test_gpu_compile_reduce_overhead_learns(tmp_path):
     result = train_model(prepared, cnn_cfg(), OptimConfig(name="adam", lr=3e-3), ScheduleConfig(), cfg, tmp_path / "c")
     # 2 epochs on 1,200 synthetic digits: well above chance (0.1); an H200 gave 0.81
     assert result.history[-1]["val/accuracy"] > 0.55
-    from tasks.train import load_weights
+    from tasks.checkpoint import load_weights
 
     assert not any(k.startswith("_orig_mod") for k in load_weights(result.checkpoint)["model_state"])
 

@@ -9,7 +9,6 @@ this file on a GPU). No timing assertions here.
 """
 
 import contextlib
-import io
 import logging
 import re
 
@@ -19,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.config import ConfigError, ModelConfig, OptimConfig, ScheduleConfig, TrainSection, load_config
+from tasks.checkpoint import load_weights
 from tasks.errors import TrainingError
 from tasks.graphstep import WARMUP_STEPS, GraphedStep
-from tasks.train import load_weights, train_model
+from tasks.train import train_model
 from tests.test_fastpath import digits
 from tests.test_train import blobs
 
@@ -82,7 +82,9 @@ def _eager_epochs(prepared, epochs=2, batch_size=64, clip=1.0):
 
 
 def _graphed(model, optimizer, batch_size=64, clip=1.0):
-    return RecordedStep(model.parameters(), lambda x, y: F.cross_entropy(model(x), y), optimizer, torch.device("cpu"), batch_size, clip)
+    return RecordedStep(
+        model.parameters(), lambda x, y: F.cross_entropy(model(x), y), optimizer, torch.device("cpu"), batch_size, clip
+    )
 
 
 def test_recorded_steps_train_as_the_eager_loop_does():
@@ -94,7 +96,7 @@ def test_recorded_steps_train_as_the_eager_loop_does():
     losses, grads_after_capture = [], None
     for epoch in range(2):
         step.begin_epoch()
-        for i, (x, y) in enumerate(_batches(prepared, 64, epoch)):
+        for x, y in _batches(prepared, 64, epoch):
             step(x, y)
             sched.step()
             if step.replays == 1 and grads_after_capture is None:
@@ -102,13 +104,13 @@ def test_recorded_steps_train_as_the_eager_loop_does():
         loss, bad, n = step.end_epoch()
         assert (bad, n) == (-1, 7)
         losses.append(loss)
-    for a, b in zip(model.parameters(), eager.parameters()):
+    for a, b in zip(model.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the tensor lr is float32, the eager one a float
     assert losses == pytest.approx(eager_losses, rel=1e-5)
     # epoch 1: 3 warm-up steps, then the capture's replay and 2 more; the 36-row batches run eagerly
     assert step.replays == (6 - WARMUP_STEPS) + 6 and step.eager_steps == WARMUP_STEPS + 2
     # the eager steps after the capture zeroed the graph's gradient tensors in place, never replaced them
-    assert all(p.grad is g for p, g in zip(model.parameters(), grads_after_capture))
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads_after_capture, strict=True))
     lr = optimizer.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and float(lr) == pytest.approx(float(sched.get_last_lr()[0]), rel=1e-6)
 
@@ -123,7 +125,9 @@ def test_a_failed_capture_trains_on_eagerly_with_a_warning(caplog):
     eager, eager_losses = _eager_epochs(prepared)
     model = _net()
     optimizer, sched = _optim(model)
-    step = FailingCapture(model.parameters(), lambda x, y: F.cross_entropy(model(x), y), optimizer, torch.device("cpu"), 64, 1.0)
+    step = FailingCapture(
+        model.parameters(), lambda x, y: F.cross_entropy(model(x), y), optimizer, torch.device("cpu"), 64, 1.0
+    )
     losses = []
     with caplog.at_level(logging.WARNING, logger="trainyard.train"):
         for epoch in range(2):
@@ -132,11 +136,14 @@ def test_a_failed_capture_trains_on_eagerly_with_a_warning(caplog):
                 step(x, y)
                 sched.step()
             losses.append(step.end_epoch()[0])
-    assert "the step could not be recorded (RuntimeError: operation not permitted when stream is capturing); training eagerly" in caplog.text
+    assert (
+        "the step could not be recorded (RuntimeError: operation not permitted when stream is capturing); "
+        "training eagerly" in caplog.text
+    )
     assert caplog.text.count("could not be recorded") == 1  # tried once, not at every step
     assert step.replays == 0 and step.eager_steps == 14
     assert losses == pytest.approx(eager_losses, rel=1e-5)
-    for a, b in zip(model.parameters(), eager.parameters()):
+    for a, b in zip(model.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -146,7 +153,7 @@ def test_the_summary_line_parser_reads_the_counts():
 
 
 def test_a_loaded_optimizer_state_keeps_the_fused_step_of_this_machine():
-    from tasks.train import load_optimizer_state
+    from tasks.checkpoint import load_optimizer_state
 
     model = _net()
     plain = torch.optim.Adam(model.parameters(), lr=1e-2)  # as built on a machine without fused kernels
@@ -205,7 +212,7 @@ def test_a_resumed_optimizer_with_a_tensor_lr_continues_the_same_way(tmp_path):
     for x, y in _batches(prepared, 64, 1):
         step2(x, y)
         sched2.step()
-    for a, b in zip(resumed.parameters(), straight.parameters()):
+    for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -213,11 +220,18 @@ def test_on_the_cpu_the_setting_trains_eagerly_with_a_warning(tmp_path, caplog):
     sched = ScheduleConfig(name="onecycle", cycle_momentum=False)
     common = dict(epochs=2, batch_size=32, device="cpu")
     with caplog.at_level(logging.WARNING, logger="trainyard.train"):
-        graphed = train_model(blobs(), ModelConfig(name="mlp", hidden=[8]), OptimConfig(), sched,
-                              TrainSection(cuda_graph=True, **common), tmp_path / "g")  # fmt: skip
+        graphed = train_model(
+            blobs(),
+            ModelConfig(name="mlp", hidden=[8]),
+            OptimConfig(),
+            sched,
+            TrainSection(cuda_graph=True, **common),
+            tmp_path / "g",
+        )
     assert "train.cuda_graph needs CUDA; training eagerly on cpu" in caplog.text
-    plain = train_model(blobs(), ModelConfig(name="mlp", hidden=[8]), OptimConfig(), sched,
-                        TrainSection(**common), tmp_path / "p")  # fmt: skip
+    plain = train_model(
+        blobs(), ModelConfig(name="mlp", hidden=[8]), OptimConfig(), sched, TrainSection(**common), tmp_path / "p"
+    )
     assert [h["train/loss"] for h in graphed.history] == [h["train/loss"] for h in plain.history]
 
 
@@ -245,9 +259,15 @@ def test_settings_a_graph_cannot_hold_are_refused(section, key, value, message, 
 @pytest.mark.parametrize("kwargs", ["{foreach: true}", "{fused: false}", "{differentiable: true}"])
 def test_sgd_without_its_fused_step_is_refused(kwargs, tmp_path):
     sets = ["train.cuda_graph=true", "optim.name=sgd", "optim.momentum=0.9", f"optim.kwargs={kwargs}"]
-    with pytest.raises(ConfigError, match=r"train\.cuda_graph (with optim\.name=sgd needs its fused step|does not work with optim\.kwargs differentiable)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.cuda_graph (with optim\.name=sgd needs its fused step"
+        r"|does not work with optim\.kwargs differentiable)",
+    ):
         load_config("mnist", overrides=sets)
-    cfg = load_config("mnist", overrides=["train.cuda_graph=true", "optim.name=sgd", "optim.momentum=0.9", "train.device=cpu"])
+    cfg = load_config(
+        "mnist", overrides=["train.cuda_graph=true", "optim.name=sgd", "optim.momentum=0.9", "train.device=cpu"]
+    )
     optim = cfg.optim.model_copy(update={"kwargs": {"foreach": True}})
     with pytest.raises(TrainingError, match=r"needs its fused step"):
         train_model(digits(200), cfg.model, optim, cfg.schedule, cfg.train, tmp_path)
@@ -276,21 +296,29 @@ def test_gpu_graph_matches_the_eager_step(tmp_path, caplog):
     runs = {}
     for graph in (False, True):
         with caplog.at_level(logging.INFO, logger="trainyard.train"):
-            runs[graph] = train_model(prepared, ModelConfig(name="mlp", hidden=[16]), OptimConfig(lr=1e-2), sched,
-                                      TrainSection(cuda_graph=graph, **common), tmp_path / str(graph))  # fmt: skip
+            runs[graph] = train_model(
+                prepared,
+                ModelConfig(name="mlp", hidden=[16]),
+                OptimConfig(lr=1e-2),
+                sched,
+                TrainSection(cuda_graph=graph, **common),
+                tmp_path / str(graph),
+            )
     replayed, eager = _captured_counts(caplog.text)
     assert replayed == 3 * 6 - WARMUP_STEPS and eager == WARMUP_STEPS + 3
     weights = {g: load_weights(tmp_path / str(g) / "best.pt")["model_state"] for g in runs}
     for k in weights[False]:
         torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-4, atol=1e-5)
-    for h_graph, h_eager in zip(runs[True].history, runs[False].history):
+    for h_graph, h_eager in zip(runs[True].history, runs[False].history, strict=True):
         assert h_graph["train/loss"] == pytest.approx(h_eager["train/loss"], rel=1e-4)
         assert h_graph["lr"] == pytest.approx(h_eager["lr"], rel=1e-5)
 
 
 @needs_cuda
 def test_gpu_mnist_fast_with_the_graph_learns(tmp_path, caplog):
-    cfg = load_config("mnist-fast", overrides=["train.epochs=2", "train.cuda_graph=true", "schedule.cycle_momentum=false"])
+    cfg = load_config(
+        "mnist-fast", overrides=["train.epochs=2", "train.cuda_graph=true", "schedule.cycle_momentum=false"]
+    )
     with caplog.at_level(logging.INFO, logger="trainyard.train"):
         result = train_model(digits(1200), cfg.model, cfg.optim, cfg.schedule, cfg.train, tmp_path)
     assert result.precision == "bf16"

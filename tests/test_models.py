@@ -16,7 +16,9 @@ def test_models_build_from_schema_shapes(name, shape):
 
 
 def test_cnn_is_sequential_conv_relu_pool():
-    model = build_model("cnn", {"input_shape": [1, 28, 28], "output_size": 10}, ModelConfig(name="cnn", channels=[8, 16]))
+    model = build_model(
+        "cnn", {"input_shape": [1, 28, 28], "output_size": 10}, ModelConfig(name="cnn", channels=[8, 16])
+    )
     assert isinstance(model, nn.Sequential)
     kinds = [type(m).__name__ for m in model[:6]]
     assert kinds == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d"]

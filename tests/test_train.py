@@ -1,14 +1,18 @@
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pipelines.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainSection
+from tasks.checkpoint import load_weights
 from tasks.errors import TrainingError
 from tasks.ingest import ingest
+from tasks.optimisation import Schedule, build_optimizer, build_scheduler, loss_for
 from tasks.prepared import Prepared, load_prepared
-from tasks.train import build_optimizer, build_scheduler, load_weights, loss_for, train_model
+from tasks.train import train_model
 
 OPTIMIZER_NAMES = list(OptimConfig.model_fields["name"].annotation.__args__)
 
@@ -20,9 +24,24 @@ def blobs(n=600, k=3, dim=4, seed=0) -> Prepared:
     y = torch.randint(0, k, (n,), generator=g)
     x = centers[y] + torch.randn(n, dim, generator=g)
     cut1, cut2 = int(n * 0.7), int(n * 0.85)
-    tensors = {"x_train": x[:cut1], "y_train": y[:cut1], "x_val": x[cut1:cut2], "y_val": y[cut1:cut2], "x_test": x[cut2:], "y_test": y[cut2:]}
-    schema = {"task": "classification", "binary": False, "n_classes": k, "label_names": [str(i) for i in range(k)],
-              "input_shape": [dim], "output_size": k, "normalize": None, "key": "blobs"}  # fmt: skip
+    tensors = {
+        "x_train": x[:cut1],
+        "y_train": y[:cut1],
+        "x_val": x[cut1:cut2],
+        "y_val": y[cut1:cut2],
+        "x_test": x[cut2:],
+        "y_test": y[cut2:],
+    }
+    schema = {
+        "task": "classification",
+        "binary": False,
+        "n_classes": k,
+        "label_names": [str(i) for i in range(k)],
+        "input_shape": [dim],
+        "output_size": k,
+        "normalize": None,
+        "key": "blobs",
+    }
     return Prepared(tensors, schema)
 
 
@@ -30,9 +49,13 @@ def run(prepared, tmp_path, model=None, optim=None, schedule=None, **train):
     train.setdefault("epochs", 3)
     train.setdefault("batch_size", 32)
     return train_model(
-        prepared, model or ModelConfig(name="mlp", hidden=[16]), optim or OptimConfig(name="adam", lr=1e-2),
-        schedule or ScheduleConfig(), TrainSection(**train), tmp_path / "ckpt",
-    )  # fmt: skip
+        prepared,
+        model or ModelConfig(name="mlp", hidden=[16]),
+        optim or OptimConfig(name="adam", lr=1e-2),
+        schedule or ScheduleConfig(),
+        TrainSection(**train),
+        tmp_path / "ckpt",
+    )
 
 
 def test_learns_a_separable_problem_and_saves_best(tmp_path):
@@ -44,7 +67,13 @@ def test_learns_a_separable_problem_and_saves_best(tmp_path):
     state = load_weights(result.checkpoint)
     assert state["epoch"] == result.best_epoch and math.isclose(state["metric"], result.best_metric)
     ev = evaluate_model(prepared, ModelConfig(name="mlp", hidden=[16]), result.checkpoint, tmp_path / "eval")
-    assert ev["metrics"]["test/accuracy"] > 0.95
+    assert ev.metrics["test/accuracy"] > 0.95
+    report = json.loads(Path(ev.files["metrics_json"]).read_text())
+    assert set(report) == {"metrics", "confusion_matrix", "per_class", "task", "checkpoint_epoch"}
+    assert report["metrics"] == ev.metrics and report["checkpoint_epoch"] == ev.checkpoint_epoch == result.best_epoch
+    assert (
+        report["confusion_matrix"] == ev.details["confusion_matrix"] and ev.task == report["task"] == "classification"
+    )
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
@@ -68,13 +97,13 @@ def test_optimizer_kwargs_are_passed_and_checked():
 
 def lrs(name, epochs=6, steps=4, **kw):
     """The LR at the start of each epoch (and per batch for onecycle) as the train loop steps it."""
-    from tasks.train import Schedule
-
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched: Schedule = build_scheduler(opt, ScheduleConfig(name=name, **kw), OptimConfig(name="sgd", lr=1.0), epochs, steps, True)
+    sched: Schedule = build_scheduler(
+        opt, ScheduleConfig(name=name, **kw), OptimConfig(name="sgd", lr=1.0), epochs, steps, True
+    )
     seen = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         seen.append(opt.param_groups[0]["lr"])
         for _ in range(steps):
             opt.step()
@@ -110,7 +139,13 @@ def test_onecycle_trains_to_the_end(tmp_path):
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_onecycle_works_with_every_optimizer(name, tmp_path):
     """OneCycle cycles the momentum (or beta1) where the optimizer has one, the learning rate alone otherwise."""
-    result = run(blobs(n=300), tmp_path, optim=OptimConfig(name=name, lr=0.01), schedule=ScheduleConfig(name="onecycle", max_lr=0.05), epochs=3)
+    result = run(
+        blobs(n=300),
+        tmp_path,
+        optim=OptimConfig(name=name, lr=0.01),
+        schedule=ScheduleConfig(name="onecycle", max_lr=0.05),
+        epochs=3,
+    )
     assert len(result.history) == 3 and all(math.isfinite(h["train/loss"]) for h in result.history)
     assert result.history[-1]["lr"] < result.history[1]["lr"]
 
@@ -120,7 +155,9 @@ def test_onecycle_cycles_the_momentum_only_when_asked(cycle):
     model = torch.nn.Linear(3, 2)
     adam = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=0.01, kwargs={"betas": [0.7, 0.9]}))
     sched_cfg = ScheduleConfig(name="onecycle", max_lr=0.01, cycle_momentum=cycle, base_momentum=0.8, max_momentum=0.9)
-    schedule = build_scheduler(adam, sched_cfg, OptimConfig(name="adam", lr=0.01), epochs=2, steps_per_epoch=10, maximize=True)
+    schedule = build_scheduler(
+        adam, sched_cfg, OptimConfig(name="adam", lr=0.01), epochs=2, steps_per_epoch=10, maximize=True
+    )
     seen = set()
     for _ in range(20):
         adam.step()
@@ -166,17 +203,17 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 
 
 def test_train_mode_for_training_eval_and_no_grad_for_validation(tmp_path, monkeypatch):
-    import tasks.train as T
+    import tasks.runtime as R
 
     calls = []
-    real_build = T.build_model
+    real_build = R.build_model
 
     def build_with_hook(*a, **kw):
         model = real_build(*a, **kw)
         model.register_forward_hook(lambda m, i, o: calls.append((m.training, torch.is_grad_enabled())))
         return model
 
-    monkeypatch.setattr(T, "build_model", build_with_hook)
+    monkeypatch.setattr(R, "build_model", build_with_hook)
     run(blobs(n=300), tmp_path, model=ModelConfig(name="mlp", hidden=[8], dropout=0.5), epochs=2, batch_size=64)
     assert (True, True) in calls and (False, False) in calls
     assert set(calls) == {(True, True), (False, False)}  # never training without grad, never eval with grad
@@ -185,21 +222,27 @@ def test_train_mode_for_training_eval_and_no_grad_for_validation(tmp_path, monke
 def test_binary_csv_and_regression_learn(tmp_path, toy_csv, state_home):
     from tasks.evaluate import evaluate_model
 
-    prepared = load_prepared(ingest(DataConfig(source="csv", path=str(toy_csv), target="label"), state_home)["path"])
+    prepared = load_prepared(ingest(DataConfig(source="csv", path=str(toy_csv), target="label"), state_home).path)
     model = ModelConfig(name="mlp", hidden=[16])
     result = run(prepared, tmp_path / "bin", model=model, epochs=15)
     ev = evaluate_model(prepared, model, result.checkpoint, tmp_path / "ev")
-    assert ev["metrics"]["test/accuracy"] > 0.9
+    assert ev.metrics["test/accuracy"] > 0.9
 
     import pandas as pd
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 2))
-    df = pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "y": 4 * x[:, 0] - 2 * x[:, 1] + 100 + rng.normal(scale=0.1, size=400)})
+    df = pd.DataFrame(
+        {"a": x[:, 0], "b": x[:, 1], "y": 4 * x[:, 0] - 2 * x[:, 1] + 100 + rng.normal(scale=0.1, size=400)}
+    )
     path = tmp_path / "reg.csv"
     df.to_csv(path, index=False)
-    reg = load_prepared(ingest(DataConfig(source="csv", path=str(path), target="y"), state_home)["path"])
-    result = run(reg, tmp_path / "reg", model=ModelConfig(name="linear"), optim=OptimConfig(name="adam", lr=0.05), epochs=20)
+    reg = load_prepared(ingest(DataConfig(source="csv", path=str(path), target="y"), state_home).path)
+    result = run(
+        reg, tmp_path / "reg", model=ModelConfig(name="linear"), optim=OptimConfig(name="adam", lr=0.05), epochs=20
+    )
     ev = evaluate_model(reg, ModelConfig(name="linear"), result.checkpoint, tmp_path / "ev2")
     assert result.monitor == "val/loss"
-    assert ev["metrics"]["test/r2"] > 0.99 and ev["metrics"]["test/mae"] < 0.5
+    assert ev.metrics["test/r2"] > 0.99 and ev.metrics["test/mae"] < 0.5
+    report = json.loads(Path(ev.files["metrics_json"]).read_text())
+    assert set(report) == {"metrics", "task", "checkpoint_epoch"} and ev.details == {}
