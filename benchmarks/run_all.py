@@ -8,6 +8,7 @@ end_to_end needs prefect and mlflow; it is skipped (with a line saying so) where
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -19,18 +20,25 @@ BENCHMARKS = ["train_throughput", "mnist_fast", "csv_ingest", "end_to_end"]
 
 
 def main(argv=None) -> int:
+    """Parse the options and run the chosen benchmarks."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes everywhere")
     parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these")
     parser.add_argument("--out", default="", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
-    out = open(args.out, "a", encoding="utf-8") if args.out else None
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(args.out, "a", encoding="utf-8")) if args.out else None
+        return _run(args.only or BENCHMARKS, args.quick, out)
+
+
+def _run(names: list[str], quick: bool, out) -> int:
+    """Run the benchmarks one after another; their JSON lines to stdout (and `out`); 1 when one failed."""
     failed = 0
-    for name in args.only or BENCHMARKS:
+    for name in names:
         if name == "end_to_end" and not all(importlib.util.find_spec(m) for m in ("prefect", "mlflow")):
             lines = [json.dumps({"name": "end_to_end", "skipped": "prefect or mlflow is not installed here"})]
         else:
-            cmd = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if args.quick else [])
+            cmd = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if quick else [])
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0:

@@ -3,52 +3,41 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
-import gc
 import json
 import logging
 import os
 import sys
 from typing import Any
 
-from pipelines import embedded_prefect
 from pipelines.config import PRESETS, ConfigError, TrainConfig, load_config, resolve_tracking_uri
+from tasks.errors import TrainyardError
+
+TRACKING_URI_HELP = "default: MLFLOW_TRACKING_URI, else the state folder's SQLite file"
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line: train, runs, champion, promote, deploy, config."""
     parser = argparse.ArgumentParser(prog="trainyard", description="Batch training pipelines for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    train = sub.add_parser("train", help="run the training flow once", formatter_class=fmt)
-    train.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset to start from")
-    train.add_argument("--config", default=None, help="YAML file with config sections (applied after the preset)")
-    train.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override one value, e.g. --set train.epochs=3 (repeatable)",
-    )  # fmt: skip
-    train.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
-    train.add_argument("--force", action="store_true", help="train even when nothing changed since the champion")
-    train.add_argument("--resume", default="", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
-    train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
-    runs = sub.add_parser("runs", help="table of the latest runs of an experiment, champion marked", formatter_class=fmt)
+    _train_arguments(sub.add_parser("train", help="run the training flow once", formatter_class=fmt))
+    runs = sub.add_parser(
+        "runs", help="table of the latest runs of an experiment, champion marked", formatter_class=fmt
+    )
     runs.add_argument("--experiment", default="trainyard", help="MLflow experiment")
     runs.add_argument("-n", "--limit", type=_positive_int, default=10, help="how many runs")
-    runs.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else the state folder's SQLite file")
+    runs.add_argument("--tracking-uri", default="", help=TRACKING_URI_HELP)
     champ = sub.add_parser("champion", help="show the registered model's champion", formatter_class=fmt)
     champ.add_argument("--model", default="trainyard", help="registered model name")
-    champ.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else the state folder's SQLite file")
+    champ.add_argument("--tracking-uri", default="", help=TRACKING_URI_HELP)
     promote = sub.add_parser("promote", help="make a model version the champion by hand", formatter_class=fmt)
     promote.add_argument("version", help="model version to promote")
     promote.add_argument("--model", default="trainyard", help="registered model name")
-    promote.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else the state folder's SQLite file")
-    dep = sub.add_parser("deploy", help="register the deployments and work pools with the Prefect server", formatter_class=fmt)
-    dep.add_argument("--work-dir", default=".", help="folder holding this repository on the workers (/app in the images)")
-    dep.add_argument("--gpu-slots", type=_positive_int, default=1, help="flow runs the gpu pool runs at once (one per GPU)")
-    dep.add_argument("--image", default="", help="container image of the flow runs (required by Kubernetes and Docker pools)")
-    dep.add_argument("--csv-path", default="/data/retrain.csv", help="data.path of the csv-retrain deployment")
-    dep.add_argument("--csv-target", default="label", help="data.target of the csv-retrain deployment")
-    dep.add_argument("--timezone", default="Europe/Berlin", help="timezone of the cron schedules")
+    promote.add_argument("--tracking-uri", default="", help=TRACKING_URI_HELP)
+    dep_help = "register the deployments and work pools with the Prefect server"
+    _deploy_arguments(sub.add_parser("deploy", help=dep_help, formatter_class=fmt))
     show = sub.add_parser("config", help="print a preset or file's resolved config as YAML", formatter_class=fmt)
     show.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset")
     show.add_argument("--config", default=None, help="YAML file")
@@ -56,7 +45,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_arguments(train: argparse.ArgumentParser) -> None:
+    """The options of `trainyard train`."""
+    train.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset to start from")
+    train.add_argument("--config", default=None, help="YAML file with config sections (applied after the preset)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value, e.g. --set train.epochs=3 (repeatable)",
+    )
+    train.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    train.add_argument("--force", action="store_true", help="train even when nothing changed since the champion")
+    resume_help = "continue this MLflow run from its last checkpoint"
+    train.add_argument("--resume", default="", metavar="RUN_ID", help=resume_help)
+    train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+
+
+def _deploy_arguments(dep: argparse.ArgumentParser) -> None:
+    """The options of `trainyard deploy`."""
+    dep.add_argument(
+        "--work-dir", default=".", help="folder holding this repository on the workers (/app in the images)"
+    )
+    slots_help = "flow runs the gpu pool runs at once (one per GPU)"
+    dep.add_argument("--gpu-slots", type=_positive_int, default=1, help=slots_help)
+    image_help = "container image of the flow runs (required by Kubernetes and Docker pools)"
+    dep.add_argument("--image", default="", help=image_help)
+    dep.add_argument("--csv-path", default="/data/retrain.csv", help="data.path of the csv-retrain deployment")
+    dep.add_argument("--csv-target", default="label", help="data.target of the csv-retrain deployment")
+    dep.add_argument("--timezone", default="Europe/Berlin", help="timezone of the cron schedules")
+
+
 def print_table(summary: dict[str, Any], out=None) -> None:
+    """The run's summary as two aligned columns."""
     out = out or sys.stdout
     rows = [
         ("MLflow run", f"{summary['mlflow_run_id']} ({summary['run_name']})"),
@@ -76,6 +99,7 @@ def print_table(summary: dict[str, Any], out=None) -> None:
 
 
 def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
@@ -83,6 +107,7 @@ def _positive_int(text: str) -> int:
 
 
 def _registry_command(args) -> int:
+    """`trainyard runs`, `champion` and `promote`: read (or alias) in MLflow, never create a database."""
     from pipelines import inspect_runs as ir
     from tasks import tracking
 
@@ -90,7 +115,10 @@ def _registry_command(args) -> int:
     tracking.configure_mlflow_client()  # an unreachable server fails in seconds, not after MLflow's minutes of retries
     db = tracking.sqlite_path(uri)
     if db and not os.path.isfile(db):  # reading must not create an empty tracking database
-        print(f"trainyard {args.command}: no tracking database at {db} (no run has been tracked there yet)", file=sys.stderr)
+        print(
+            f"trainyard {args.command}: no tracking database at {db} (no run has been tracked there yet)",
+            file=sys.stderr,
+        )
         return 1
     try:
         if args.command == "runs":
@@ -110,18 +138,14 @@ def _registry_command(args) -> int:
 
 
 def _actionable_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message says what to fix (the data, the config, a service to start)."""
-    from tasks.errors import DataError, TrainingError
-    from tasks.lr_lambda import LambdaExpressionError
-    from tasks.storage import StorageError
-    from tasks.tracking import TrackingUnavailable
-
-    return (ConfigError, DataError, LambdaExpressionError, StorageError, TrackingUnavailable, TrainingError)
+    """Errors whose message says what to fix (the data, the config, a model, a service to start):
+    every `TrainyardError`."""
+    return (TrainyardError,)
 
 
 class ConsoleFormatter(logging.Formatter):
     """The console's format: a record of an error the user can act on keeps its message and
-    loses the traceback Prefect logs with it (about 60 lines of engine frames); the run's log in
+    loses the traceback Prefect logs with it (dozens of lines of engine frames); the run's log in
     the Prefect UI, written by Prefect's own handler, keeps the traceback."""
 
     def __init__(self, fmt: str, actionable: tuple[type[BaseException], ...]):
@@ -144,21 +168,29 @@ def _deploy_command(args) -> int:
     if not api:
         print(
             "trainyard deploy: PREFECT_API_URL is not set; point it at the Prefect server the workers use "
-            "(e.g. http://prefect:4200/api)", file=sys.stderr,
-        )  # fmt: skip
+            "(e.g. http://prefect:4200/api)",
+            file=sys.stderr,
+        )
         return 2
     from pipelines.deployments import deploy
 
     try:
-        ids = deploy(args.work_dir, args.gpu_slots, image=args.image, csv_path=args.csv_path,
-                     csv_target=args.csv_target, timezone=args.timezone)  # fmt: skip
+        ids = deploy(
+            args.work_dir,
+            args.gpu_slots,
+            image=args.image,
+            csv_path=args.csv_path,
+            csv_target=args.csv_target,
+            timezone=args.timezone,
+        )
     except Exception as exc:
         import httpx
 
         if isinstance(exc, httpx.TransportError):
-            print(f"trainyard deploy: the Prefect server at {api} is unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
+            why = f"the Prefect server at {api} is unreachable ({type(exc).__name__}: {exc})"
         else:
-            print(f"trainyard deploy: {type(exc).__name__}: {exc}", file=sys.stderr)
+            why = f"{type(exc).__name__}: {exc}"
+        print(f"trainyard deploy: {why}", file=sys.stderr)
         return 1
     for name, deployment_id in ids.items():
         print(f"{name}  {deployment_id}")
@@ -171,57 +203,41 @@ def configure_logging() -> None:
     handler.setFormatter(ConsoleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", _actionable_errors()))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("trainyard").setLevel(logging.INFO)
-    # The embedded Prefect server's usage telemetry is noise here (and races on its SQLite file).
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Several runs starting at once on a small machine start slowly; Prefect's default is 20 s.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _load(args) -> TrainConfig:
+    """The config the arguments name: a preset and/or a file, then the overrides."""
     if not args.preset and not args.config:
         raise ConfigError("give --preset NAME or --config FILE (presets: " + ", ".join(sorted(PRESETS)) + ")")
     return load_config(args.preset, args.config, args.overrides)
 
 
-@contextlib.contextmanager
-def _collector_paused():
-    """Run the block with the garbage collector paused, then freeze what it made.
+def _train_command(args, cfg: TrainConfig) -> int:
+    """Run the flow once and print its summary; an error ends in one line on stderr."""
+    from pipelines import startup
 
-    Importing torch, torchmetrics, Prefect and MLflow makes millions of objects that live as
-    long as the process; the collections they trigger on the way free nothing and took 1 to
-    1.5 s of the imports' 5 to 6 s. Afterwards those objects are frozen (moved out of the
-    collector's generations), so later collections in the run do not walk them either; the
-    few import-time cycles that become garbage stay in memory. Garbage from before the block
-    is collected first (cheap at a command's start; in a longer-lived caller of main() it
-    keeps earlier garbage from being frozen).
-    """
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
     try:
-        yield
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
-
-
-def _import_flow(cfg: TrainConfig):
-    """The flow, with MLflow's client (and its database store, for a database tracking URI)
-    and the evaluation's torchmetrics imported now rather than where the run first uses
-    them: with an embedded Prefect server, they load while the server starts."""
-    from pipelines.flow import train_flow
-
-    import mlflow.tracking  # noqa: F401
-    import torchmetrics.functional  # noqa: F401
-    from mlflow.store.db.db_types import DATABASE_ENGINES
-
-    if resolve_tracking_uri(cfg.tracking.uri).split(":", 1)[0].split("+", 1)[0] in DATABASE_ENGINES:
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    return train_flow
+        # Libraries print progress notes (model registration, downloads) on stdout; keep it for the summary.
+        with startup.flow_ready(cfg) as train_flow, contextlib.redirect_stdout(sys.stderr):
+            summary = train_flow(cfg, force=args.force, resume=args.resume)
+    except KeyboardInterrupt:  # the flow has marked the MLflow run KILLED
+        print("trainyard: training stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as exc:  # a TrainyardError says what to fix; the log above has any other's traceback
+        print(f"trainyard: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if summary.get("skipped"):
+        print(json.dumps(summary) if args.json else f"skipped: nothing changed ({summary['reason']})")
+    elif args.json:
+        json.dump(summary, sys.stdout, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print_table(summary)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the command; the exit status."""
     args = _parser().parse_args(argv)
     configure_logging()
     if args.command in ("runs", "champion", "promote"):
@@ -238,48 +254,15 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
         return 0
-    # Our loggers' records go through Prefect's handlers (console and the run's log in the UI).
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trainyard")
-    try:
-        # Without PREFECT_API_URL, Prefect's embedded server is started now, and starts while
-        # the flow's modules (torch, MLflow, torchmetrics) are imported below.
-        with _collector_paused():
-            server = embedded_prefect.start_if_needed()
-            if server is not None:
-                atexit.register(server.stop)  # after Prefect's log and event workers have drained
-            train_flow = _import_flow(cfg)
-
-        api = contextlib.nullcontext()
-        if server is not None:
-            from prefect.settings import temporary_settings
-
-            api = temporary_settings(updates=embedded_prefect.run_settings(server.wait()))
-        # Libraries print progress notes (model registration, downloads) on stdout; keep it for the summary.
-        with api, contextlib.redirect_stdout(sys.stderr):
-            summary = train_flow(cfg, force=args.force, resume=args.resume)
-    except Exception as exc:
-        print(f"trainyard: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    if summary.get("skipped"):
-        print(json.dumps(summary) if args.json else f"skipped: nothing changed ({summary['reason']})")
-    elif args.json:
-        json.dump(summary, sys.stdout, sort_keys=True)
-        sys.stdout.write("\n")
-    else:
-        print_table(summary)
-    return 0
+    return _train_command(args, cfg)
 
 
 def run() -> None:
-    """The `trainyard` command: main(), then exit.
+    """The `trainyard` command: main(), then exit with its status."""
+    from pipelines import startup
 
-    The objects a run leaves behind (torch, MLflow, Prefect and their module graphs) are
-    frozen before exit, so the interpreter's final garbage collection skips them: that
-    collection took 2 to 3 s after a training run, for memory the OS takes back anyway.
-    Every file the run writes is closed before main() returns; exit handlers still run.
-    """
     code = main()
-    gc.freeze()
+    startup.before_exit()
     sys.exit(code)
 
 

@@ -59,7 +59,7 @@ class TrainConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig, title="Storage")
 
     @model_validator(mode="after")
-    def _check_source(self) -> "TrainConfig":
+    def _check_source(self) -> TrainConfig:
         if self.data.source == "csv":
             if not self.data.path:
                 raise ValueError("data.path is required when data.source is 'csv' (a CSV file or file:// URI)")
@@ -186,7 +186,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if len(parts) < 2:
-        raise ConfigError(f"--set {item!r}: expected section.key=value; sections: {', '.join(TrainConfig.model_fields)}")
+        raise ConfigError(
+            f"--set {item!r}: expected section.key=value; sections: {', '.join(TrainConfig.model_fields)}"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

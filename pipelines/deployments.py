@@ -23,6 +23,8 @@ CPU_POOL, GPU_POOL = "cpu", "gpu"
 
 @dataclass
 class Plan:
+    """One deployment to apply: its flow, work pool, schedule and parameters."""
+
     name: str
     flow: str  # "train" or "train-step"
     pool: str
@@ -37,21 +39,51 @@ class Plan:
 def plans(
     csv_path: str = "/data/retrain.csv", csv_target: str = "label", timezone: str = TIMEZONE, gpu_slots: int = 1
 ) -> list[Plan]:
+    """Every deployment: three retrains of the whole flow on the cpu pool, the training step on the gpu pool."""
     mnist = load_config("mnist", env={}).model_dump(mode="json")
-    csv = load_config("csv", overrides=[f"data.path={csv_path}", f"data.target={csv_target}"], env={}).model_dump(mode="json")
-    return [
-        Plan("nightly-mnist", "train", CPU_POOL, "Retrain the MNIST preset every night at 02:00.", cron="0 2 * * *",
-             timezone=timezone, parameters={"cfg": mnist}, tags=["scheduled", "mnist"]),
-        Plan("csv-retrain", "train", CPU_POOL, "Retrain on the CSV every Monday at 03:30.", cron="30 3 * * 1",
-             timezone=timezone, parameters={"cfg": csv}, tags=["scheduled", "csv"]),
-        Plan("on-demand", "train", CPU_POOL, "Train once, with the parameters given in the UI.",
-             parameters={"cfg": mnist}, tags=["manual"]),
-        Plan(GPU_POOL, "train-step", GPU_POOL, "The training step alone, for parents with train_deployment set.",
-             concurrency_limit=gpu_slots, tags=["gpu"]),
-    ]  # fmt: skip
+    csv_overrides = [f"data.path={csv_path}", f"data.target={csv_target}"]
+    csv = load_config("csv", overrides=csv_overrides, env={}).model_dump(mode="json")
+    nightly = Plan(
+        "nightly-mnist",
+        "train",
+        CPU_POOL,
+        "Retrain the MNIST preset every night at 02:00.",
+        cron="0 2 * * *",
+        timezone=timezone,
+        parameters={"cfg": mnist},
+        tags=["scheduled", "mnist"],
+    )
+    weekly = Plan(
+        "csv-retrain",
+        "train",
+        CPU_POOL,
+        "Retrain on the CSV every Monday at 03:30.",
+        cron="30 3 * * 1",
+        timezone=timezone,
+        parameters={"cfg": csv},
+        tags=["scheduled", "csv"],
+    )
+    on_demand = Plan(
+        "on-demand",
+        "train",
+        CPU_POOL,
+        "Train once, with the parameters given in the UI.",
+        parameters={"cfg": mnist},
+        tags=["manual"],
+    )
+    gpu = Plan(
+        GPU_POOL,
+        "train-step",
+        GPU_POOL,
+        "The training step alone, for parents with train_deployment set.",
+        concurrency_limit=gpu_slots,
+        tags=["gpu"],
+    )
+    return [nightly, weekly, on_demand, gpu]
 
 
 def _flow(kind: str):
+    """The flow a plan deploys, imported when deploying."""
     if kind == "train":
         from pipelines.flow import train_flow
 

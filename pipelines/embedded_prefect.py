@@ -1,11 +1,10 @@
-"""Prefect's embedded (temporary) API server for a one-off `trainyard train`, started early.
+"""Prefect's embedded (temporary) API server for a one-off `trainyard train`.
 
-Without PREFECT_API_URL, Prefect starts a temporary server process on first use; the run
-waits for it (4 to 9 s) after importing everything (another 5 to 10 s). Here the process
-is started first and its start overlaps the imports: `EmbeddedPrefect.start()` spawns it
-and returns at once, `wait()` blocks until its health check answers. The command line is
-Prefect's own (`SubprocessASGIServer`): uvicorn running `prefect.server.api.server:create_app`
-on 127.0.0.1, UI off, on the SQLite database in PREFECT_HOME.
+Without PREFECT_API_URL a run needs a server of its own. `EmbeddedPrefect.start()` spawns it
+and returns at once, `wait()` blocks until its health check answers, so that the start can
+overlap the imports (pipelines/startup.py decides). The command line is Prefect's own
+(`SubprocessASGIServer`): uvicorn running `prefect.server.api.server:create_app` on 127.0.0.1,
+UI off, on the SQLite database in PREFECT_HOME.
 
 Runs started together share that database, so the server starts under a file lock in
 PREFECT_HOME, held until it answers (its migrations are done by then).
@@ -27,6 +26,7 @@ from typing import IO
 
 PORTS = range(8000, 9000)
 PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
+APP = "prefect.server.api.server:create_app"
 PR_SET_PDEATHSIG = 1
 
 if sys.platform.startswith("linux"):
@@ -47,6 +47,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _free_port() -> int:
+    """A port in PORTS that nothing listens on now (another process may still take it before uvicorn binds)."""
     for _ in range(20):
         port = random.choice(PORTS)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -71,9 +72,11 @@ class EmbeddedPrefect:
 
     @property
     def api_url(self) -> str:
+        """The server's API URL (its port is known once spawned)."""
         return f"http://127.0.0.1:{self.port}/api"
 
     def _spawn(self) -> None:
+        """Start the uvicorn process on a free port."""
         import prefect
 
         self.port = _free_port()
@@ -85,19 +88,23 @@ class EmbeddedPrefect:
             **self.settings_env,
         }
         app_dir = str(Path(prefect.__file__).resolve().parent.parent)
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", APP]
+        command += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", "prefect.server.api.server:create_app",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL,
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
             # Its own session: Ctrl-C in a terminal reaches this process only, which still needs the
             # server to record the run's end; the server is stopped at exit, or dies with this process.
-            start_new_session=True, preexec_fn=functools.partial(_die_with_parent, os.getpid()),
-        )  # fmt: skip
+            start_new_session=True,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+        )
 
-    def start(self) -> "EmbeddedPrefect":
+    def start(self) -> EmbeddedPrefect:
         """Take the lock and spawn the server; do not wait for it."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.home / "trainyard-embedded-server.lock", "w")
+        # Held past this call, until the server answers: wait() or stop() closes it.
+        self._lock = open(self.home / "trainyard-embedded-server.lock", "w")  # noqa: SIM115
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
             self._spawn()
@@ -125,7 +132,9 @@ class EmbeddedPrefect:
                     except httpx.TransportError:
                         pass
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"Prefect's embedded server did not answer on {self.api_url} within {self.timeout:.0f} s")
+                        raise RuntimeError(
+                            f"Prefect's embedded server did not answer on {self.api_url} within {self.timeout:.0f} s"
+                        )
                     time.sleep(0.05)
         except BaseException:
             self.stop()
@@ -134,12 +143,14 @@ class EmbeddedPrefect:
             self._release()
 
     def _release(self) -> None:
+        """Let the next run's server start: unlock and close the lock file."""
         if self._lock is not None:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
 
     def stop(self) -> None:
+        """End the server (terminate, then kill after 5 s) and release the lock."""
         self._release()
         if self.process is None:
             return
@@ -157,7 +168,7 @@ def run_settings(api_url: str) -> dict:
 
     No flow-run heartbeats: they tell a long-lived server that a run's process is alive, and
     this server ends with the process. With them on, the flow engine also joins its heartbeat
-    thread at the end of every run, which sleeps in 1 s steps (up to a second lost per run).
+    thread at the end of every run, which sleeps in steps of its own.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 

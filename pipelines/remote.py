@@ -10,6 +10,7 @@ evaluates and publishes as usual. Both ends need a remote store (S3).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -18,22 +19,44 @@ from typing import Any
 from prefect import flow
 from prefect.deployments import run_deployment
 
-from pipelines import steps
+from pipelines import training
 from pipelines.config import TrainConfig, state_dir
-from tasks import tracking
+from pipelines.context import RunContext, store_for
+from pipelines.publish import tensorboard_files
+from tasks import keys, tracking
 from tasks.errors import RemoteTrainingError
 from tasks.ingest import fetch_prepared
+from tasks.prepared import load_schema
+from tasks.results import DatasetRef, TrainResult
+from tasks.storage import ArtifactStore
 
 TRAIN_STEP_FLOW = "trainyard-train-step"
 log = logging.getLogger("trainyard.remote")
 
 
 def handoff_prefix(run_id: str) -> str:
+    """Where the step leaves its result in the store: `handoffs/<run-id>`."""
     return f"handoffs/{run_id}"
 
 
+def _fetched_dataset(key: str, folder: Path) -> DatasetRef:
+    """The reference of a prepared dataset fetched from the store (its schema records where it came from)."""
+    schema = load_schema(folder)
+    return DatasetRef(
+        key=key,
+        path=str(folder),
+        content_hash=schema.get("content_hash", ""),
+        source=schema.get("source", ""),
+        task=schema["task"],
+        split_sizes=schema["split_sizes"],
+        reused=True,
+    )
+
+
 @flow(name=TRAIN_STEP_FLOW, validate_parameters=True)
-def train_step_flow(cfg: TrainConfig, dataset_key: str, run_id: str, tracking_uri: str, storage_uri: str) -> dict[str, Any]:
+def train_step_flow(
+    cfg: TrainConfig, dataset_key: str, run_id: str, tracking_uri: str, storage_uri: str
+) -> dict[str, Any]:
     """Train one model for an existing MLflow run on this worker; hand the result back through the store.
 
     Args:
@@ -43,19 +66,17 @@ def train_step_flow(cfg: TrainConfig, dataset_key: str, run_id: str, tracking_ur
         tracking_uri: the MLflow tracking URI.
         storage_uri: the shared artifact store (s3://...).
     """
-    store = steps.store_for(cfg, storage_uri)
+    store = store_for(cfg, storage_uri)
     state = state_dir()
     folder = fetch_prepared(store, dataset_key, state)
     work = state / "runs" / run_id  # a rerun of this step on this worker resumes from work/checkpoints
     work.mkdir(parents=True, exist_ok=True)
-    tb_dir = work / "tensorboard"
-    result = steps.train(cfg, str(folder), tracking_uri, run_id, str(work), str(tb_dir), storage_uri)
-    (work / "result.json").write_text(json.dumps(result), encoding="utf-8")
-    files = {"best.pt": result["checkpoint"], "result.json": str(work / "result.json")}
-    if tb_dir.is_dir():
-        files.update({f"tensorboard/{p.relative_to(tb_dir).as_posix()}": str(p) for p in tb_dir.rglob("*") if p.is_file()})
+    ctx = RunContext(run_id, "", work, work / "tensorboard", tracking_uri, storage_uri, state)
+    result = training.train(cfg, ctx, _fetched_dataset(dataset_key, folder))
+    (work / "result.json").write_text(json.dumps(result.to_dict()), encoding="utf-8")
+    files = {"best.pt": result.checkpoint, "result.json": str(work / "result.json"), **tensorboard_files(ctx.tb_dir)}
     store.publish(handoff_prefix(run_id), files)
-    return {"handoff": f"{store.uri}/{handoff_prefix(run_id)}", "best_epoch": result["best_epoch"]}
+    return {"handoff": f"{store.uri}/{handoff_prefix(run_id)}", "best_epoch": result.best_epoch}
 
 
 def wait_for_step(flow_run_id, deployment: str, start_timeout: float, poll: float = 2.0):
@@ -78,7 +99,8 @@ def wait_for_step(flow_run_id, deployment: str, start_timeout: float, poll: floa
             if (state is None or state.type in waiting) and time.monotonic() > deadline:
                 pool = deployment.split("/", 1)[-1]
                 raise RemoteTrainingError(
-                    f"no worker started train step {deployment!r} (flow run {flow_run_id}) within {start_timeout:.0f} s: "
+                    f"no worker started train step {deployment!r} (flow run {flow_run_id}) "
+                    f"within {start_timeout:.0f} s: "
                     f"it stayed {state.name if state else 'unscheduled'}; start a worker on its work pool "
                     f"(e.g. `prefect worker start --pool {pool}`), or run without train_deployment"
                 )
@@ -96,28 +118,23 @@ def cancel_quietly(flow_run_id) -> None:
             if run.state is not None and run.state.is_final():
                 return
             stop = Cancelling if run.state is not None and run.state.is_running() else Cancelled
-            client.set_flow_run_state(flow_run_id, stop(message="the parent flow run stopped waiting for it"), force=True)
+            state = stop(message="the parent flow run stopped waiting for it")
+            client.set_flow_run_state(flow_run_id, state, force=True)
     except Exception as exc:  # the API may be what failed
         log.warning("could not cancel train step flow run %s: %s", flow_run_id, exc)
 
 
-def train_remotely(
-    deployment: str, cfg: TrainConfig, dataset_key: str, run_id: str, tracking_uri: str, storage_uri: str,
-    run_dir: str, tb_dir: str, start_timeout: float = 600.0,
-) -> dict[str, Any]:
-    """Run the train step as `deployment` (e.g. 'trainyard-train-step/gpu') and bring its output here;
-    fail (and cancel the step) when no worker starts it within `start_timeout` seconds."""
-    store = steps.store_for(cfg, storage_uri)
-    if not store.remote:
-        raise RemoteTrainingError(
-            f"training on deployment {deployment!r} needs a shared artifact store (storage.uri=s3://...), not {store.uri}"
-        )
-    flow_run = run_deployment(
-        deployment,
-        parameters={"cfg": cfg.model_dump(mode="json"), "dataset_key": dataset_key, "run_id": run_id,
-                    "tracking_uri": tracking_uri, "storage_uri": storage_uri},
-        timeout=0,  # returns once the step's flow run exists; waited for below
-    )  # fmt: skip
+def _run_step(deployment: str, cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, start_timeout: float):
+    """Start the step's flow run and wait until it is final; cancel it when the wait fails or is stopped."""
+    parameters = {
+        "cfg": cfg.model_dump(mode="json"),
+        "dataset_key": dataset.key,
+        "run_id": ctx.run_id,
+        "tracking_uri": ctx.tracking_uri,
+        "storage_uri": ctx.storage_uri,
+    }
+    # timeout=0: returns once the step's flow run exists; waited for below
+    flow_run = run_deployment(deployment, parameters=parameters, timeout=0)
     try:
         flow_run = wait_for_step(flow_run.id, deployment, start_timeout)
     except BaseException:  # no worker took it, or this run was stopped: the step must not train on alone
@@ -125,18 +142,40 @@ def train_remotely(
         raise
     if not flow_run.state or not flow_run.state.is_completed():
         state = flow_run.state.name if flow_run.state else "unknown"
-        raise RemoteTrainingError(f"train step {deployment!r} (flow run {flow_run.id}) ended {state}: {flow_run.state.message if flow_run.state else ''}")
-    prefix = handoff_prefix(run_id)
+        message = flow_run.state.message if flow_run.state else ""
+        raise RemoteTrainingError(f"train step {deployment!r} (flow run {flow_run.id}) ended {state}: {message}")
+    return flow_run
+
+
+def _take_handoff(store: ArtifactStore, deployment: str, ctx: RunContext) -> TrainResult:
+    """Bring the step's best checkpoint, result and TensorBoard files into this run's folders."""
+    prefix = handoff_prefix(ctx.run_id)
     manifest = store.read_manifest(prefix)
     if manifest is None:
         raise RemoteTrainingError(f"train step {deployment!r} completed but left no handoff at {store.uri}/{prefix}")
-    checkpoint = Path(run_dir) / "checkpoints" / "best.pt"
+    checkpoint = ctx.checkpoint_dir / "best.pt"
     store.fetch(f"{prefix}/best.pt", checkpoint)
     for name in manifest:
         if name.startswith("tensorboard/"):
-            store.fetch(f"{prefix}/{name}", Path(tb_dir) / name.split("/", 1)[1])
-    fetched = store.fetch(f"{prefix}/result.json", Path(run_dir) / "train-result.json")
-    result = json.loads(fetched.read_text(encoding="utf-8"))
-    result["checkpoint"] = str(checkpoint)
-    tracking.set_tags(tracking_uri, run_id, {"train.deployment": deployment, "train.flow_run_id": str(flow_run.id)})
+            store.fetch(f"{prefix}/{name}", ctx.tb_dir / name.split("/", 1)[1])
+    fetched = store.fetch(f"{prefix}/result.json", ctx.run_dir / "train-result.json")
+    result = TrainResult.from_dict(json.loads(fetched.read_text(encoding="utf-8")))
+    return dataclasses.replace(result, checkpoint=str(checkpoint))
+
+
+def train_remotely(
+    deployment: str, cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, start_timeout: float = 600.0
+) -> TrainResult:
+    """Run the train step as `deployment` (e.g. 'trainyard-train-step/gpu') and bring its output here;
+    fail (and cancel the step) when no worker starts it within `start_timeout` seconds."""
+    store = store_for(cfg, ctx.storage_uri)
+    if not store.remote:
+        raise RemoteTrainingError(
+            f"training on deployment {deployment!r} needs a shared artifact store (storage.uri=s3://...), "
+            f"not {store.uri}"
+        )
+    flow_run = _run_step(deployment, cfg, ctx, dataset, start_timeout)
+    result = _take_handoff(store, deployment, ctx)
+    tags = {keys.TRAIN_DEPLOYMENT: deployment, keys.TRAIN_FLOW_RUN_ID: str(flow_run.id)}
+    tracking.set_tags(ctx.tracking_uri, ctx.run_id, tags)
     return result

@@ -24,7 +24,9 @@ class DataConfig(Section):
     path: str = Field("", title="CSV path", description="CSV file for source=csv: a local path or a file:// URI.")
     target: str = Field("", title="Target column", description="The CSV column to predict (source=csv).")
     features: list[str] = Field(
-        default_factory=list, title="Feature columns", description="CSV columns to use as inputs; empty means all others."
+        default_factory=list,
+        title="Feature columns",
+        description="CSV columns to use as inputs; empty means all others.",
     )
     drop: list[str] = Field(default_factory=list, title="Columns to drop", description="CSV columns to ignore.")
     categorical: list[str] = Field(
@@ -42,9 +44,15 @@ class DataConfig(Section):
         "drop: drop rows with any missing value; error: refuse the file.",
     )
     max_categories: int = Field(
-        256, ge=2, le=100_000, title="Max categories", description="Refuse a categorical column with more distinct values."
+        256,
+        ge=2,
+        le=100_000,
+        title="Max categories",
+        description="Refuse a categorical column with more distinct values.",
     )
-    root: str = Field("data/mnist", title="MNIST folder", description="Folder holding (or receiving) the MNIST IDX files.")
+    root: str = Field(
+        "data/mnist", title="MNIST folder", description="Folder holding (or receiving) the MNIST IDX files."
+    )
     download: bool = Field(True, title="Download MNIST", description="Download MNIST when its files are missing.")
     split: Literal["official", "t10k"] = Field(
         "official",
@@ -54,7 +62,9 @@ class DataConfig(Section):
     )
     n_train: int = Field(8000, ge=1, title="t10k train rows", description="With split=t10k: rows used to train.")
     limit: int = Field(0, ge=0, title="Row limit", description="Use only the first N training rows (0: all).")
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, title="Validation share", description="Share held out for validation.")
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=0.5, title="Validation share", description="Share held out for validation."
+    )
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5, title="Test share", description="Share held out for test (CSV).")
     split_seed: int = Field(0, ge=0, title="Split seed", description="Seed of the train/val/test split.")
 
@@ -62,7 +72,9 @@ class DataConfig(Section):
     @classmethod
     def _local_path(cls, v: str) -> str:
         if "://" in v and not v.startswith("file://"):
-            raise ValueError(f"scheme {v.split('://', 1)[0]}:// is not supported; expected a local path or a file:// URI")
+            raise ValueError(
+                f"scheme {v.split('://', 1)[0]}:// is not supported; expected a local path or a file:// URI"
+            )
         return check_file_uri(v, "data.path")
 
     @field_validator("target", "features", "drop", "categorical", mode="before")
@@ -75,7 +87,9 @@ class DataConfig(Section):
     def _once_each(cls, v: list[str], info) -> list[str]:
         repeated = sorted({x for x in v if v.count(x) > 1})
         if repeated:
-            raise ValueError(f"data.{info.field_name} names {', '.join(map(repr, repeated))} more than once; list each column once")
+            raise ValueError(
+                f"data.{info.field_name} names {', '.join(map(repr, repeated))} more than once; list each column once"
+            )
         return v
 
     @classmethod

@@ -35,12 +35,24 @@ CHAMPION_PREVIOUS_VERSION = "champion.previous_version"
 REGISTRY_MODEL = "registry.model"
 REGISTRY_VERSION = "registry.version"
 
+# ---- values of the champion.decision tag, and the run statuses Trainyard sets ----------------------
+PROMOTED, KEPT = "promoted", "kept"
+RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
+
 # ---- params (besides the flattened config, `section.key`) ---------------------------------------
 DATASET_TASK = "dataset.task"
 DATASET_N_CLASSES = "dataset.n_classes"
 DATASET_INPUT_SHAPE = "dataset.input_shape"
 DATASET_N_PREFIX = "dataset.n_"  # dataset.n_train, dataset.n_val, dataset.n_test
-RUNS_TABLE_PARAMS = ("data.source", "model.name", "optim.name", "optim.lr", "schedule.name", "train.epochs", "train.batch_size")
+RUNS_TABLE_PARAMS = (
+    "data.source",
+    "model.name",
+    "optim.name",
+    "optim.lr",
+    "schedule.name",
+    "train.epochs",
+    "train.batch_size",
+)
 
 # ---- metrics --------------------------------------------------------------------------------------
 TRAIN_LOSS = "train/loss"
@@ -50,6 +62,7 @@ LR = "lr"
 CHAMPION_NEW_VALUE = "champion/new_value"
 CHAMPION_PREVIOUS_VALUE = "champion/previous_value"
 PER_CLASS = ("precision", "recall", "f1")  # test/<metric>/<class> and test/<metric>_macro
+CONFUSION_MATRIX_IMAGE = "test/confusion_matrix"  # TensorBoard's image tag (MLflow: plots/confusion_matrix.png)
 
 
 @dataclass(frozen=True)

@@ -56,14 +56,17 @@ SCHEDULERS = {
 class OptimConfig(Section):
     SECTION, CHOICE = "optim", "name"
 
-    name: Literal[tuple(OPTIMIZERS)] = Field("adam", title="Optimizer", description="Any torch.optim optimizer, by name.")
+    name: Literal[tuple(OPTIMIZERS)] = Field(
+        "adam", title="Optimizer", description="Any torch.optim optimizer, by name."
+    )
     lr: float = Field(1e-3, gt=0.0, le=100.0, title="Learning rate", description="Initial learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, title="Weight decay", description="L2 penalty / decoupled decay.")
     momentum: float = Field(0.0, ge=0.0, lt=1.0, title="Momentum", description="Momentum for sgd and rmsprop.")
     kwargs: dict[str, float | int | bool | str | list[float]] = Field(
         default_factory=dict,
         title="Extra arguments",
-        description="More keyword arguments for the optimizer, e.g. {'betas': [0.9, 0.99]}, {'line_search_fn': 'strong_wolfe'}.",
+        description="More keyword arguments for the optimizer, e.g. {'betas': [0.9, 0.99]}, "
+        "{'line_search_fn': 'strong_wolfe'}.",
     )
 
     @classmethod
@@ -74,7 +77,7 @@ class OptimConfig(Section):
         return ("lr", *(("weight_decay",) if spec.weight_decay else ()), *(("momentum",) if spec.momentum else ()))
 
     @model_validator(mode="after")
-    def _applies(self) -> "OptimConfig":  # replaces Section's check, with messages of its own
+    def _applies(self) -> OptimConfig:  # replaces Section's check, with messages of its own
         # Values the chosen optimizer has no use for are refused, not dropped without a word.
         spec = OPTIMIZERS[self.name]
         if self.weight_decay and not spec.weight_decay:
@@ -91,7 +94,9 @@ class OptimConfig(Section):
 class ScheduleConfig(Section):
     SECTION, CHOICE = "schedule", "name"
 
-    name: Literal[tuple(SCHEDULERS)] = Field("none", title="LR scheduler", description="torch.optim.lr_scheduler to use.")
+    name: Literal[tuple(SCHEDULERS)] = Field(
+        "none", title="LR scheduler", description="torch.optim.lr_scheduler to use."
+    )
     lr_lambda: str = Field(
         "0.95 ** epoch",
         title="LambdaLR expression",
@@ -114,11 +119,15 @@ class ScheduleConfig(Section):
         description="onecycle: cycle the momentum (Adam's beta1) inversely to the LR between max_momentum and "
         "base_momentum, replacing the optimizer's own value (PyTorch's default); false keeps the optimizer's.",
     )
-    base_momentum: float = Field(0.85, ge=0.0, lt=1.0, title="OneCycle base momentum", description="Momentum at the LR peak.")
-    max_momentum: float = Field(0.95, ge=0.0, lt=1.0, title="OneCycle max momentum", description="Momentum at the start and end.")
+    base_momentum: float = Field(
+        0.85, ge=0.0, lt=1.0, title="OneCycle base momentum", description="Momentum at the LR peak."
+    )
+    max_momentum: float = Field(
+        0.95, ge=0.0, lt=1.0, title="OneCycle max momentum", description="Momentum at the start and end."
+    )
 
     @model_validator(mode="after")
-    def _check_lambda(self) -> "ScheduleConfig":
+    def _check_lambda(self) -> ScheduleConfig:
         if self.name == "lambda":
             try:
                 compile_lr_lambda(self.lr_lambda)
@@ -126,14 +135,15 @@ class ScheduleConfig(Section):
                 raise ValueError(f"schedule.lr_lambda: {exc}") from None
         if self.base_momentum > self.max_momentum:
             raise ValueError(
-                f"schedule.base_momentum ({self.base_momentum}) must not exceed schedule.max_momentum ({self.max_momentum})"
+                f"schedule.base_momentum ({self.base_momentum}) must not exceed "
+                f"schedule.max_momentum ({self.max_momentum})"
             )
         return self
 
     @field_validator("milestones")
     @classmethod
     def _increasing(cls, v: list[int]) -> list[int]:
-        if any(b <= a for a, b in zip(v, v[1:])) or any(m < 1 for m in v):
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)) or any(m < 1 for m in v):
             raise ValueError(f"schedule.milestones must be strictly increasing positive epochs, got {v}")
         return v
 

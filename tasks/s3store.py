@@ -17,12 +17,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
+from tasks.errors import StorageError
 from tasks.hashing import sha256_file
-from tasks.storage import MANIFEST, StorageError, check_key
+from tasks.store_keys import MANIFEST, check_key
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+_TRANSIENT_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable")
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -40,7 +41,9 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
         try:
             check_key(prefix)
         except StorageError:
-            problems.append(f"prefix {prefix!r} is not allowed; expected relative names without '..', '.' or empty parts")
+            problems.append(
+                f"prefix {prefix!r} is not allowed; expected relative names without '..', '.' or empty parts"
+            )
     if problems:
         raise StorageError(f"storage.uri {uri!r}: {'; '.join(problems)}")
     return bucket, prefix
@@ -54,12 +57,17 @@ def _valid_bucket(name: str) -> bool:
 
 def _transient(exc: Exception) -> bool:
     """Connection failures, timeouts, 5xx and throttling: worth waiting for. Not 403/404."""
-    from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
 
     if isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)):
         return True
     code = _error_code(exc)
-    return code.startswith("5") or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable")
+    return code.startswith("5") or code in _TRANSIENT_CODES
 
 
 def _error_code(exc: Exception) -> str:
@@ -67,6 +75,8 @@ def _error_code(exc: Exception) -> str:
 
 
 class S3Store:
+    """A bucket and prefix on any S3-compatible endpoint; a unit is complete once its manifest is uploaded."""
+
     remote = True
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str = "", max_attempts: int = 5):
@@ -85,7 +95,7 @@ class S3Store:
         self.client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
 
     @classmethod
-    def from_uri(cls, uri: str, endpoint_url: str = "", max_attempts: int = 5) -> "S3Store":
+    def from_uri(cls, uri: str, endpoint_url: str = "", max_attempts: int = 5) -> S3Store:
         bucket, prefix = parse_s3_uri(uri)
         return cls(bucket, prefix, endpoint_url, max_attempts)
 
@@ -135,25 +145,12 @@ class S3Store:
             time.sleep(delay)
             delay = min(delay * 2, 8.0)
 
-    def exists(self, name: str) -> bool:
-        key = self.key(name)
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-            return True
-        except Exception as exc:
-            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise self._fail("head", key, exc) from None
-
     def _upload(self, src: str, key: str, sha: str) -> None:
         from boto3.s3.transfer import TransferConfig
 
         try:
-            self.client.upload_file(
-                src, self.bucket, key,
-                ExtraArgs={"Metadata": {"sha256": sha}},
-                Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD),
-            )  # fmt: skip
+            transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+            self.client.upload_file(src, self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}}, Config=transfer)
         except Exception as exc:
             raise self._fail("upload", key, exc) from None
 
@@ -230,12 +227,12 @@ class S3Store:
             if not expected:
                 raise StorageError(f"{self._where(key)} has no sha256 in its metadata; refusing an unverifiable copy")
             if expected != actual:
-                raise StorageError(f"{self._where(key)}: sha256 {actual} does not match the recorded {expected}; the copy was discarded")
+                raise StorageError(
+                    f"{self._where(key)}: sha256 {actual} does not match the recorded {expected}; "
+                    "the copy was discarded"
+                )
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return dest
-
-    def describe(self) -> dict[str, Any]:
-        return {"bucket": self.bucket, "prefix": self.prefix, "endpoint": self.endpoint_url or ""}

@@ -37,7 +37,7 @@ class Section(BaseModel):
         return tuple(k for k in cls.model_fields if k != cls.CHOICE)
 
     @model_validator(mode="after")
-    def _applies(self) -> "Section":
+    def _applies(self) -> Section:
         """Refuse keys set away from their default that the choice made has no use for.
 
         A value left at its default is not a choice the user made (the UI form sends every key),
@@ -51,7 +51,9 @@ class Section(BaseModel):
         unused = [
             key
             for key, field in type(self).model_fields.items()
-            if key != self.CHOICE and key not in used and getattr(self, key) != field.get_default(call_default_factory=True)
+            if key != self.CHOICE
+            and key not in used
+            and getattr(self, key) != field.get_default(call_default_factory=True)
         ]
         if unused:
             section = self.SECTION
@@ -68,7 +70,9 @@ def no_credentials(v: str, where: str, env_hint: str) -> str:
     if "://" in v:
         parts = urlsplit(v)
         if parts.password or (parts.username and parts.scheme in ("http", "https", "s3")):
-            raise ValueError(f"{where} must not hold credentials (user:password@); set {env_hint} in the environment instead")
+            raise ValueError(
+                f"{where} must not hold credentials (user:password@); set {env_hint} in the environment instead"
+            )
     return v
 
 

@@ -20,16 +20,9 @@ from urllib.parse import unquote, urlparse
 
 from tasks.errors import DataError, StorageError
 from tasks.hashing import sha256_file
+from tasks.store_keys import MANIFEST, check_key
 
-MANIFEST = "manifest.json"
-
-
-def check_key(key: str) -> str:
-    """Refuse keys that could escape the store (absolute paths, `..`, empty parts)."""
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key or "\x00" in key:
-        raise StorageError(f"artifact key {key!r} is not allowed: expected relative names without '..' or empty parts")
-    return key
+__all__ = ["MANIFEST", "ArtifactStore", "LocalStore", "StorageError", "check_key", "open_store"]
 
 
 class ArtifactStore(Protocol):
@@ -45,16 +38,19 @@ class ArtifactStore(Protocol):
     def fetch(self, key: str, dest: str | os.PathLike) -> Path:
         """Copy the object at `key` to `dest`, verifying its sha256."""
 
-    def exists(self, key: str) -> bool: ...
-
     def read_manifest(self, prefix: str) -> dict[str, dict[str, str]] | None:
         """The unit's manifest (name -> {uri, sha256}), or None when no complete unit is there."""
 
     def discard(self, prefix: str, names: list[str]) -> None:
         """Delete files of a unit that its manifest no longer names."""
 
+    def remove(self, prefix: str) -> None:
+        """Withdraw a published unit (a failed run's), its manifest first: it never looks complete meanwhile."""
+
 
 class LocalStore:
+    """A folder on this machine: units are built beside their place and renamed into it."""
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
         self.uri = self.root.as_uri()
@@ -70,9 +66,6 @@ class LocalStore:
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).exists()
 
     def publish(self, prefix: str, files: dict[str, str]) -> dict[str, dict[str, str]]:
         final = self._path(prefix)
@@ -105,7 +98,6 @@ class LocalStore:
         dest = Path(dest)
         shutil.copyfile(src, dest)
         return dest
-
 
     def remove(self, prefix: str) -> None:
         """Withdraw a published unit (its manifest first, so it never looks complete meanwhile)."""

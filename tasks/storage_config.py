@@ -15,14 +15,18 @@ class StorageConfig(Section):
     uri: str = Field(
         "",
         title="Artifact store",
-        description="file:///path, a local folder or s3://bucket/prefix; empty: TRAINYARD_STORAGE_URI, else the state folder's artifacts/.",
+        description="file:///path, a local folder or s3://bucket/prefix; empty: TRAINYARD_STORAGE_URI, "
+        "else the state folder's artifacts/.",
     )
     endpoint_url: str = Field(
         "",
         title="S3 endpoint",
-        description="S3-compatible endpoint (MinIO, ...); empty: AWS_ENDPOINT_URL, else AWS. Keys come from AWS_* only.",
+        description="S3-compatible endpoint (MinIO, ...); empty: AWS_ENDPOINT_URL, else AWS. "
+        "Keys come from AWS_* only.",
     )
-    max_attempts: int = Field(5, ge=1, le=20, title="S3 attempts", description="botocore attempts per request (with backoff).")
+    max_attempts: int = Field(
+        5, ge=1, le=20, title="S3 attempts", description="botocore attempts per request (with backoff)."
+    )
 
     @field_validator("uri")
     @classmethod
@@ -31,7 +35,9 @@ class StorageConfig(Section):
             raise ValueError(f"expected file:///path, a local folder or s3://bucket/prefix, got {v!r}")
         if v.startswith("s3:") and not v.startswith("s3://"):  # a typo, not a local folder named "s3:"
             raise ValueError("starts with 's3:' but not 's3://'; expected s3://bucket/prefix")
-        v = no_credentials(check_file_uri(v, "storage.uri"), "storage.uri", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        v = no_credentials(
+            check_file_uri(v, "storage.uri"), "storage.uri", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
         if v.startswith("s3://"):
             from tasks.s3store import parse_s3_uri  # light: no boto3, no torch
 

@@ -1,7 +1,8 @@
 """Tracking behind one small interface: MLflow, TensorBoard, both, or nothing.
 
 The training loop only sees `Tracker.log_metrics(metrics, step)`. MLflow is imported
-lazily, so the training code runs where mlflow is not installed.
+lazily, so the training code runs where mlflow is not installed. Public MLflow APIs only:
+the start-up tuning (pipelines/startup.py) passes in its faster variants where it has them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,6 @@ _PARAM_MAX = 6000
 class Tracker:
     """The null tracker; subclasses override what they support."""
 
-    def log_params(self, params: dict[str, Any]) -> None: ...
-
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
 
     def log_image(self, tag: str, png_path: str, step: int = 0) -> None: ...
@@ -33,7 +33,7 @@ class Tracker:
 
     def close(self) -> None: ...
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -41,12 +41,10 @@ class Tracker:
 
 
 class MultiTracker(Tracker):
-    def __init__(self, *trackers: Tracker):
-        self.trackers = [t for t in trackers if t is not None]
+    """Every call to each of its trackers (None ones left out)."""
 
-    def log_params(self, params):
-        for t in self.trackers:
-            t.log_params(params)
+    def __init__(self, *trackers: Tracker | None):
+        self.trackers = [t for t in trackers if t is not None]
 
     def log_metrics(self, metrics, step=None):
         for t in self.trackers:
@@ -79,10 +77,6 @@ class TensorBoardTracker(Tracker):
 
         self.log_dir = str(log_dir)
         self.writer = SummaryWriter(log_dir=self.log_dir, max_queue=1000, flush_secs=30)
-
-    def log_params(self, params):
-        rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
-        self.writer.add_text("config", "| key | value |\n| --- | --- |\n" + rows)
 
     def log_metrics(self, metrics, step=None):
         for key, value in metrics.items():
@@ -119,13 +113,6 @@ class MlflowTracker(Tracker):
         self.retry_every = retry_every
         self.pending: list[Any] = []
 
-    def log_params(self, params):
-        from mlflow.entities import Param
-
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-
     def log_metrics(self, metrics, step=None):
         from mlflow.entities import Metric
 
@@ -136,7 +123,8 @@ class MlflowTracker(Tracker):
         except Exception as exc:  # the server went away: keep the metrics, try again later
             if not _is_unreachable(exc):
                 raise
-            log.warning("MLflow server %s unreachable (%s); %d metric values buffered", self.tracking_uri, type(exc).__name__, len(self.pending))
+            why, n = type(exc).__name__, len(self.pending)
+            log.warning("MLflow server %s unreachable (%s); %d metric values buffered", self.tracking_uri, why, n)
 
     def _flush(self) -> None:
         while self.pending:
@@ -164,11 +152,12 @@ class MlflowTracker(Tracker):
     def log_image(self, tag, png_path, step=0):
         self.client.log_artifact(self.run_id, png_path, artifact_path="plots")
 
-    def log_text(self, tag, text):
-        self.client.log_text(self.run_id, text, f"{safe_name(tag)}.txt")
+    # No log_text: texts (the config as TensorBoard shows it) are TensorBoard's; MLflow has the
+    # config as params and as the config.yaml artifact.
 
 
 def _param_value(v: Any) -> str:
+    """A param's text: lists and dicts as JSON, cut to what MLflow keeps."""
     text = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
     return text[:_PARAM_MAX]
 
@@ -231,13 +220,16 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """Create a run (and its experiment when missing); return the run id."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         try:
-            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location(tracking_uri, experiment))
+            experiment_id = client.create_experiment(
+                experiment, artifact_location=artifact_location(tracking_uri, experiment)
+            )
         except Exception:  # another run created it meanwhile
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
@@ -249,7 +241,19 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str,
     return run.info.run_id
 
 
+def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log params in batches of 100 (MLflow's limit per call); lists and dicts as JSON, cut to MLflow's length."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
 def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Set tags in one call."""
     from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
 
@@ -257,18 +261,21 @@ def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
 
 
 def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Mark the run ended with `status` (FINISHED, FAILED or KILLED)."""
     from mlflow.tracking import MlflowClient
 
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
 def run_name_of(tracking_uri: str, run_id: str) -> str:
+    """The run's name (MLflow generates one when none was given)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri).get_run(run_id).info.run_name
 
 
 def log_artifacts(tracking_uri: str, run_id: str, files: dict[str, str], artifact_path: str | None = None) -> None:
+    """Upload the files (role -> path) under `artifact_path` of the run's artifacts."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -290,17 +297,24 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
                 raise TrackingUnavailable(f"MLflow server {tracking_uri} answered /health with HTTP {resp.status}")
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TrackingUnavailable(f"MLflow server {tracking_uri} is unreachable ({reason}); start it or fix tracking.uri") from None
+        raise TrackingUnavailable(
+            f"MLflow server {tracking_uri} is unreachable ({reason}); start it or fix tracking.uri"
+        ) from None
 
 
 def _is_unreachable(exc: BaseException) -> bool:
     """Connection failures and 5xx answers, however MLflow's REST client wraps them."""
     import requests
 
-    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
+    if isinstance(
+        exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+    ):
         return True
     text = f"{type(exc).__name__}: {exc}"
-    return any(s in text for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "status code 50", "timed out"))
+    return any(
+        s in text
+        for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "status code 50", "timed out")
+    )
 
 
 def configure_mlflow_client(env: dict | None = None) -> None:
@@ -314,68 +328,55 @@ def configure_mlflow_client(env: dict | None = None) -> None:
 
 
 @contextlib.contextmanager
-def _fluent_uris(uri: str):
+def fluent_uris(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API at `uri`, then put back what was there before.
 
     `mlflow.set_tracking_uri`/`set_registry_uri` change process-wide state and export
     MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI to the environment; left behind, a later run in
-    the same process (or a subprocess it starts) would track into this run's server.
+    the same process (or a subprocess it starts) would track into this run's server. As the
+    setters export what they set, the environment holds the whole state: afterwards both URIs
+    are unset (None and '' are the setters' "unset") and the two variables put back.
     """
     import os
 
     import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
 
     saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        tracking_utils.set_tracking_uri(saved[0])
-        registry_utils._registry_uri = saved[1]
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri("")
+        _restore_environment(saved_env)
 
 
-@contextlib.contextmanager
-def _no_distribution_scan():
-    """Spare MLflow's scan of every installed distribution while it checks our requirements.
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as `saved` has them (None: unset)."""
+    import os
 
-    log_model checks the requirements it is given against this environment. First it maps
-    every installed distribution's files to top-level modules (0.5 to 1.3 s here), a map it
-    uses only when a requirement's version cannot be read from the distribution's metadata,
-    which never happens for the torch/torchvision/mlflow pins passed here (for a package that
-    is missing, the check still reports it). For the call, the map is set empty; afterwards it
-    is put back unbuilt, so that later requirement inference in this process builds it whole.
-    Nothing changes where this MLflow keeps no such map.
-    """
-    try:
-        from mlflow.utils import requirements_utils as ru
-    except ImportError:
-        yield
-        return
-    if getattr(ru, "_MODULES_TO_PACKAGES", "absent") is not None:  # already built, or no such map
-        yield
-        return
-    saved = getattr(ru, "_PACKAGES_TO_MODULES", None)
-    ru._MODULES_TO_PACKAGES = {}
-    try:
-        yield
-    finally:
-        ru._MODULES_TO_PACKAGES = None
-        ru._PACKAGES_TO_MODULES = saved
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def log_torch_model(
-    tracking_uri: str, run_id: str, model, input_example, pip_requirements: list[str], registered_model_name: str = ""
+    tracking_uri: str,
+    run_id: str,
+    model,
+    input_example,
+    pip_requirements: list[str],
+    registered_model_name: str = "",
+    logging_context: Callable[[str], contextlib.AbstractContextManager] = fluent_uris,
 ) -> dict[str, str]:
-    """Log the model (torch.export `pt2` format, with a signature inferred from the example) and register it."""
+    """Log the model (torch.export `pt2` format, with a signature inferred from the example) and register it.
+
+    The logging runs inside `logging_context(tracking_uri)`, which points MLflow's fluent API at the
+    run's server and back (by default `fluent_uris`, public API only).
+    """
     import mlflow
     import mlflow.pytorch
     import torch
@@ -385,7 +386,7 @@ def log_torch_model(
     with torch.no_grad():
         output = model(torch.from_numpy(input_example)).numpy()
     signature = infer_signature(input_example, output)
-    with _fluent_uris(tracking_uri), mlflow.start_run(run_id=run_id), _no_distribution_scan():
+    with logging_context(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
             name="model",

@@ -16,16 +16,24 @@ class TrackingConfig(Section):
         title="MLflow tracking URI",
         description="sqlite:///... or http://...; empty: MLFLOW_TRACKING_URI, else a SQLite file in the state folder.",
     )
-    experiment: str = Field("trainyard", min_length=1, max_length=200, title="Experiment", description="MLflow experiment.")
+    experiment: str = Field(
+        "trainyard", min_length=1, max_length=200, title="Experiment", description="MLflow experiment."
+    )
     run_name: str = Field(
-        "", max_length=200, pattern=r"^[A-Za-z0-9_.\- ]*$", title="Run name",
+        "",
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.\- ]*$",
+        title="Run name",
         description="MLflow run name (letters, digits, _ . - and spaces); empty: generated. An unfinished run "
         "of the same name is resumed from its last checkpoint.",
     )
     tensorboard: bool = Field(True, title="TensorBoard", description="Write TensorBoard event files.")
     log_model: bool = Field(True, title="Log model", description="Log the model to MLflow with a signature.")
     flush_timeout: float = Field(
-        120.0, ge=0.0, le=3600.0, title="Metric flush timeout",
+        120.0,
+        ge=0.0,
+        le=3600.0,
+        title="Metric flush timeout",
         description="Seconds to wait for an unreachable MLflow server at the end of training before failing the run.",
     )
     registered_model: str = Field(
@@ -44,7 +52,8 @@ class TrackingConfig(Section):
     champion_metric: str = Field(
         "auto",
         title="Champion metric",
-        description="Test metric deciding champion promotion; auto: test/accuracy (classification), test/mse (regression).",
+        description="Test metric deciding champion promotion; auto: test/accuracy (classification), "
+        "test/mse (regression).",
     )
 
     @field_validator("champion_metric")

@@ -25,7 +25,13 @@ class TrainSection(Section):
         "auto", title="Device", description="auto: cuda, then mps, then cpu."
     )
     seed: int = Field(0, ge=0, title="Seed", description="Seed of weights, shuffling and dropout.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, title="Label smoothing", description="Classification: targets pulled towards uniform (binary: 1 -> 1-s/2, 0 -> s/2).")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        title="Label smoothing",
+        description="Classification: targets pulled towards uniform (binary: 1 -> 1-s/2, 0 -> s/2).",
+    )
     grad_clip: float = Field(0.0, ge=0.0, title="Gradient clipping", description="Max gradient norm; 0 disables.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", title="Precision", description="auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 uses a GradScaler."
@@ -59,7 +65,10 @@ class TrainSection(Section):
         "warning elsewhere.",
     )
     checkpoint_every: int = Field(
-        1, ge=0, le=10_000, title="Checkpoint every",
+        1,
+        ge=0,
+        le=10_000,
+        title="Checkpoint every",
         description="Epochs between resume checkpoints (model, optimizer, scheduler, RNG states); 0: only at the end.",
     )
     keep: Literal["best", "last"] = Field(
@@ -75,7 +84,7 @@ class TrainSection(Section):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
-    def _applies(self) -> "TrainSection":
+    def _applies(self) -> TrainSection:
         # Keys that tune a choice left off are refused when set (see Section.refuse_unused).
         for key, on, needs in (
             ("compile_mode", self.compile, "train.compile=true"),

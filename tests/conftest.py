@@ -118,9 +118,9 @@ def crash_training_once(monkeypatch, at_epoch: int, lose=None) -> list:
     """Make the flow's first training attempt fail after epoch `at_epoch` (its checkpoint written),
     as a lost worker would; `lose()` runs first (e.g. to delete that worker's files). Returns the
     `resume_from` of every attempt, in order."""
-    import pipelines.steps as steps
+    import pipelines.training as training
 
-    real, calls = steps.train_model, []
+    real, calls = training.train_model, []
 
     def crash_once(*args, **kwargs):
         calls.append(kwargs.get("resume_from"))
@@ -137,5 +137,5 @@ def crash_training_once(monkeypatch, at_epoch: int, lose=None) -> list:
             kwargs["on_epoch"] = on_epoch
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(steps, "train_model", crash_once)
+    monkeypatch.setattr(training, "train_model", crash_once)
     return calls

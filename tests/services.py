@@ -15,7 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "AKIAFAKETESTKEY00001", "AWS_SECRET_ACCESS_KEY": "fake/secret/key/for/tests/only/000000000"}
+FAKE_KEYS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKETESTKEY00001",
+    "AWS_SECRET_ACCESS_KEY": "fake/secret/key/for/tests/only/000000000",
+}
 
 
 def free_port() -> int:
@@ -80,8 +83,21 @@ def mlflow_server(backend_uri: str, artifacts_destination: str, s3_endpoint: str
     port = port or free_port()
     env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_endpoint, AWS_DEFAULT_REGION="us-east-1", **FAKE_KEYS)
     exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    cmd = [exe, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts_destination,
-           "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    cmd = [
+        exe,
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        artifacts_destination,
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -107,8 +123,13 @@ def prefect_server(database_url: str, home: Path, log_path: Path):
     env.pop("PREFECT_API_URL", None)
     exe = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([exe, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [exe, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180, proc=proc)
             yield f"http://127.0.0.1:{port}/api"
@@ -118,12 +139,24 @@ def prefect_server(database_url: str, home: Path, log_path: Path):
 
 @contextmanager
 def prefect_worker(api_url: str, pool: str, env_extra: dict[str, str], log_path: Path, limit: int = 1):
-    env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_EXTRA_LOGGERS="trainyard", **env_extra)  # fmt: skip
+    env = dict(
+        os.environ,
+        PREFECT_API_URL=api_url,
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_EXTRA_LOGGERS="trainyard",
+        **env_extra,
+    )
     exe = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([exe, "worker", "start", "--pool", pool, "--limit", str(limit), "--type", "process"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [exe, "worker", "start", "--pool", pool, "--limit", str(limit), "--type", "process"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             yield proc
         finally:

@@ -58,31 +58,56 @@ def make_csv(path: Path, n: int = 600) -> Path:
 
 class Soak:
     def __init__(self, root: Path, s3: S3Endpoint, mlflow_uri: str, prefect_api: str, csv: Path, epochs: int):
-        self.root, self.s3, self.mlflow_uri, self.prefect_api, self.csv, self.epochs = root, s3, mlflow_uri, prefect_api, csv, epochs
+        self.root, self.s3, self.mlflow_uri, self.prefect_api, self.csv, self.epochs = (
+            root,
+            s3,
+            mlflow_uri,
+            prefect_api,
+            csv,
+            epochs,
+        )
         self.home = root / "state"
         self.started = 0
         self.killed: list[str] = []
         self.events: list[str] = []
 
     def args(self, run_name: str, seed: int) -> list[str]:
-        sets = [f"data.path={self.csv}", "data.target=label", f"train.epochs={self.epochs}", "train.batch_size=8",
-                f"train.seed={seed}", f"tracking.uri={self.mlflow_uri}", f"tracking.experiment={EXPERIMENT}",
-                f"tracking.run_name={run_name}", "tracking.log_model=true", f"storage.uri=s3://{BUCKET}/runs",
-                f"storage.endpoint_url={self.s3.url}", "storage.max_attempts=3", "tracking.flush_timeout=120"]  # fmt: skip
+        sets = [
+            f"data.path={self.csv}",
+            "data.target=label",
+            f"train.epochs={self.epochs}",
+            "train.batch_size=8",
+            f"train.seed={seed}",
+            f"tracking.uri={self.mlflow_uri}",
+            f"tracking.experiment={EXPERIMENT}",
+            f"tracking.run_name={run_name}",
+            "tracking.log_model=true",
+            f"storage.uri=s3://{BUCKET}/runs",
+            f"storage.endpoint_url={self.s3.url}",
+            "storage.max_attempts=3",
+            "tracking.flush_timeout=120",
+        ]
         out = [sys.executable, "-m", "pipelines.cli", "train", "--preset", "csv", "--json", "--force"]
         for s in sets:
             out += ["--set", s]
         return out
 
     def env(self) -> dict[str, str]:
-        return dict(os.environ, TRAINYARD_HOME=str(self.home), PREFECT_API_URL=self.prefect_api,
-                    PREFECT_SERVER_ANALYTICS_ENABLED="false", AWS_DEFAULT_REGION="us-east-1", **FAKE_KEYS)  # fmt: skip
+        return dict(
+            os.environ,
+            TRAINYARD_HOME=str(self.home),
+            PREFECT_API_URL=self.prefect_api,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            AWS_DEFAULT_REGION="us-east-1",
+            **FAKE_KEYS,
+        )
 
     def start(self, run_name: str, seed: int) -> subprocess.Popen:
         self.started += 1
-        log = open(self.root / f"{run_name}.log", "ab")
-        return subprocess.Popen(self.args(run_name, seed), env=self.env(), stdout=subprocess.PIPE, stderr=log,
-                                start_new_session=True)  # fmt: skip
+        log = open(self.root / f"{run_name}.log", "ab")  # noqa: SIM115 (the child writes it for as long as it runs)
+        return subprocess.Popen(
+            self.args(run_name, seed), env=self.env(), stdout=subprocess.PIPE, stderr=log, start_new_session=True
+        )
 
     def kill_after_first_checkpoint(self, proc: subprocess.Popen, run_name: str, timeout: float = 300) -> bool:
         """SIGKILL the run's process once a resume checkpoint of epoch >= 2 exists for it."""
@@ -152,7 +177,11 @@ def verify(soak: Soak, names: list[str]) -> dict:
             continue
         for key in manifest:
             obj = s3.get_object(Bucket=BUCKET, Key=prefix + key)
-            good = obj["Metadata"].get("sha256") == hashlib.sha256(obj["Body"].read()).hexdigest() == manifest[key]["sha256"]
+            good = (
+                obj["Metadata"].get("sha256")
+                == hashlib.sha256(obj["Body"].read()).hexdigest()
+                == manifest[key]["sha256"]
+            )
             report["artifacts_verified" if good else "artifacts_bad"] += 1
     return report
 
@@ -172,46 +201,54 @@ def main(argv=None) -> int:
     client.create_bucket(Bucket=BUCKET)
     client.create_bucket(Bucket=MLFLOW_BUCKET)
     try:
-        with postgres_database("trainyard_soak_mlflow") as (ml_db, _), postgres_database("trainyard_soak_prefect") as (pf_db, _):
-            with mlflow_server(ml_db, f"s3://{MLFLOW_BUCKET}/mlflow", s3.url, root / "mlflow.log") as (ml_uri, _), \
-                 prefect_server(pf_db.replace("postgresql://", "postgresql+asyncpg://"), root / "prefect-home", root / "prefect.log") as api:  # fmt: skip
-                soak = Soak(root, s3, ml_uri, api, make_csv(root / "data.csv"), args.epochs)
-                names: list[str] = []
-                # phase 1: back to back
-                for i in range(args.runs):
-                    name = f"seq-{i:02d}"
-                    names.append(name)
-                    proc = soak.start(name, seed=i)
-                    restarter = soak.restart_s3_later(delay=8.0) if i == args.runs // 4 else None
-                    if i == args.runs // 2 and soak.kill_after_first_checkpoint(proc, name):
-                        proc = soak.start(name, seed=i)  # same run name: resumes
-                    soak.finish(proc)
-                    if restarter:
-                        restarter.join()
-                # phase 2: four at once, one killed and resumed, S3 restarted meanwhile
-                procs = {f"par-{i}": soak.start(f"par-{i}", seed=100 + i) for i in range(4)}
-                names += list(procs)
-                restarter = soak.restart_s3_later(delay=10.0)
-                if soak.kill_after_first_checkpoint(procs["par-1"], "par-1"):
-                    procs["par-1"] = soak.start("par-1", seed=101)
-                for proc in procs.values():
-                    soak.finish(proc)
-                restarter.join()
-                report = verify(soak, names)
-                report.update(
-                    name="soak",
-                    runs_started=soak.started,
-                    runs_planned=len(names),
-                    killed_and_restarted=soak.killed,
-                    faults=soak.events,
-                    epochs_per_run=args.epochs,
-                    wall_seconds=round(time.monotonic() - t0, 1),
-                    # the faults must have happened too: both kills (one per phase), each killed run resumed
-                    met=not report["lost"] and report["artifacts_bad"] == 0 and report["runs_completed"] == len(names)
-                    and len(soak.killed) == 2 and report["runs_resumed"] >= len(soak.killed),
-                )
-                print(json.dumps(report, indent=2))
-                return 0 if report["met"] else 1
+        with (
+            postgres_database("trainyard_soak_mlflow") as (ml_db, _),
+            postgres_database("trainyard_soak_prefect") as (pf_db, _),
+            mlflow_server(ml_db, f"s3://{MLFLOW_BUCKET}/mlflow", s3.url, root / "mlflow.log") as (ml_uri, _),
+            prefect_server(
+                pf_db.replace("postgresql://", "postgresql+asyncpg://"), root / "prefect-home", root / "prefect.log"
+            ) as api,
+        ):
+            soak = Soak(root, s3, ml_uri, api, make_csv(root / "data.csv"), args.epochs)
+            names: list[str] = []
+            # phase 1: back to back
+            for i in range(args.runs):
+                name = f"seq-{i:02d}"
+                names.append(name)
+                proc = soak.start(name, seed=i)
+                restarter = soak.restart_s3_later(delay=8.0) if i == args.runs // 4 else None
+                if i == args.runs // 2 and soak.kill_after_first_checkpoint(proc, name):
+                    proc = soak.start(name, seed=i)  # same run name: resumes
+                soak.finish(proc)
+                if restarter:
+                    restarter.join()
+            # phase 2: four at once, one killed and resumed, S3 restarted meanwhile
+            procs = {f"par-{i}": soak.start(f"par-{i}", seed=100 + i) for i in range(4)}
+            names += list(procs)
+            restarter = soak.restart_s3_later(delay=10.0)
+            if soak.kill_after_first_checkpoint(procs["par-1"], "par-1"):
+                procs["par-1"] = soak.start("par-1", seed=101)
+            for proc in procs.values():
+                soak.finish(proc)
+            restarter.join()
+            report = verify(soak, names)
+            report.update(
+                name="soak",
+                runs_started=soak.started,
+                runs_planned=len(names),
+                killed_and_restarted=soak.killed,
+                faults=soak.events,
+                epochs_per_run=args.epochs,
+                wall_seconds=round(time.monotonic() - t0, 1),
+                # the faults must have happened too: both kills (one per phase), each killed run resumed
+                met=not report["lost"]
+                and report["artifacts_bad"] == 0
+                and report["runs_completed"] == len(names)
+                and len(soak.killed) == 2
+                and report["runs_resumed"] >= len(soak.killed),
+            )
+            print(json.dumps(report, indent=2))
+            return 0 if report["met"] else 1
     finally:
         s3.stop()
         if not args.keep:

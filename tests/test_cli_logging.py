@@ -17,7 +17,9 @@ def record_of(exc: BaseException) -> logging.LogRecord:
         raise exc
     except BaseException:
         info = sys.exc_info()
-    return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception during execution: %r", (exc,), info)
+    return logging.LogRecord(
+        "prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception during execution: %r", (exc,), info
+    )
 
 
 @pytest.fixture
@@ -25,7 +27,9 @@ def formatter():
     return cli.ConsoleFormatter("%(levelname)s %(name)s: %(message)s", cli._actionable_errors())
 
 
-@pytest.mark.parametrize("exc", [DataError("data.csv: column 'label' missing"), TrackingUnavailable("MLflow server http://x is unreachable")])
+@pytest.mark.parametrize(
+    "exc", [DataError("data.csv: column 'label' missing"), TrackingUnavailable("MLflow server http://x is unreachable")]
+)
 def test_actionable_error_keeps_its_message_without_the_traceback(formatter, exc):
     record = record_of(exc)
     text = formatter.format(record)

@@ -4,6 +4,7 @@ nothing is clobbered and nobody races on a database's migrations."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -11,23 +12,43 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
+
 def test_four_runs_at_once_share_nothing_they_should_not(toy_csv, state_home, tmp_path):
-    env = dict(os.environ, TRAINYARD_HOME=str(state_home), PREFECT_HOME=str(tmp_path / "prefect-home"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")  # fmt: skip
+    env = dict(
+        os.environ,
+        TRAINYARD_HOME=str(state_home),
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     env.pop("PREFECT_API_URL", None)
-    cli = [sys.executable, "-m", "pipelines.cli", "train", "--preset", "csv", "--json",
-           "--set", f"data.path={toy_csv}", "--set", "data.target=label", "--set", "train.epochs=2"]  # fmt: skip
-    procs = [
-        subprocess.Popen([*cli, "--set", f"train.seed={i}"], env=env, stdout=subprocess.PIPE, stderr=open(tmp_path / f"err{i}", "w"), text=True)
-        for i in range(4)
+    cli = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "train",
+        "--preset",
+        "csv",
+        "--json",
+        "--set",
+        f"data.path={toy_csv}",
+        "--set",
+        "data.target=label",
+        "--set",
+        "train.epochs=2",
     ]
-    try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:  # one that hangs must not leave the others running
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    with contextlib.ExitStack() as files:
+        errs = [files.enter_context(open(tmp_path / f"err{i}", "w")) for i in range(4)]
+        procs = [
+            subprocess.Popen([*cli, "--set", f"train.seed={i}"], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+            for i, err in enumerate(errs)
+        ]
+        try:
+            outs = [p.communicate(timeout=600)[0] for p in procs]
+        finally:  # one that hangs must not leave the others running
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     for i, p in enumerate(procs):
         assert p.returncode == 0, (tmp_path / f"err{i}").read_text()[-3000:]
     summaries = [json.loads(o) for o in outs]

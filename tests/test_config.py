@@ -20,7 +20,9 @@ def test_presets_load_and_differ():
 def test_yaml_file_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  epochs: 7\n  batch_size: 32\noptim:\n  name: sgd\n  lr: 0.1\n")
-    cfg = load_config("mnist", path, ["train.epochs=2", "model.hidden=[16, 8]", "optim.kwargs={nesterov: true, momentum: 0.9}"])
+    cfg = load_config(
+        "mnist", path, ["train.epochs=2", "model.hidden=[16, 8]", "optim.kwargs={nesterov: true, momentum: 0.9}"]
+    )
     assert cfg.train.epochs == 2  # --set wins over the file
     assert cfg.train.batch_size == 32  # the file wins over the preset
     assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.1
@@ -93,7 +95,10 @@ def test_missing_and_broken_files(tmp_path):
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "home"))
     cfg = load_config("mnist", env={})
-    assert resolve_tracking_uri(cfg.tracking.uri, env={"TRAINYARD_HOME": str(tmp_path / "home")}) == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert (
+        resolve_tracking_uri(cfg.tracking.uri, env={"TRAINYARD_HOME": str(tmp_path / "home")})
+        == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    )
     env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
     assert load_config("mnist", env=env).tracking.uri == "http://mlflow:5000"  # env overrides the preset
     assert resolve_tracking_uri(TrainConfig().tracking.uri, env=env) == "http://mlflow:5000"
@@ -104,7 +109,10 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
 def test_state_dir_and_storage_default(tmp_path):
     assert state_dir({"TRAINYARD_HOME": str(tmp_path / "h")}) == tmp_path / "h"
     assert state_dir({}).name == ".trainyard"
-    assert resolve_storage_uri(TrainConfig(), {"TRAINYARD_HOME": str(tmp_path / "h")}) == (tmp_path / "h" / "artifacts").as_uri()
+    assert (
+        resolve_storage_uri(TrainConfig(), {"TRAINYARD_HOME": str(tmp_path / "h")})
+        == (tmp_path / "h" / "artifacts").as_uri()
+    )
     assert resolve_storage_uri(TrainConfig(), {"TRAINYARD_STORAGE_URI": "s3://b/p"}) == "s3://b/p"
     explicit = TrainConfig(storage={"uri": "file:///x"})
     assert resolve_storage_uri(explicit, {"TRAINYARD_STORAGE_URI": "s3://b/p"}) == "file:///x"
@@ -112,16 +120,20 @@ def test_state_dir_and_storage_default(tmp_path):
 
 def test_flat_params_are_stable_keys():
     flat = TrainConfig().flat()
-    for key in ("data.path", "data.target", "data.root", "model.name", "optim.name", "optim.lr", "schedule.name",
-                "train.epochs", "train.batch_size", "train.device", "train.seed", "tracking.uri", "storage.uri"):  # fmt: skip
+    keys = ("data.path", "data.target", "data.root", "model.name", "optim.name", "optim.lr", "schedule.name")
+    keys += ("train.epochs", "train.batch_size", "train.device", "train.seed", "tracking.uri", "storage.uri")
+    for key in keys:
         assert key in flat
     assert flat["model.hidden"] == "[128, 64]"
 
 
 @pytest.mark.parametrize(
     "override",
-    ["tracking.uri=http://bob:hunter2@mlflow:5000", "storage.endpoint_url=http://key:hunter2@minio:9000",
-     "storage.uri=s3://key:hunter2@bucket/p"],
+    [
+        "tracking.uri=http://bob:hunter2@mlflow:5000",
+        "storage.endpoint_url=http://key:hunter2@minio:9000",
+        "storage.uri=s3://key:hunter2@bucket/p",
+    ],
 )
 def test_credentials_in_uris_are_refused_without_echoing_them(override):
     with pytest.raises(ConfigError) as err:
@@ -132,15 +144,31 @@ def test_credentials_in_uris_are_refused_without_echoing_them(override):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("storage.uri=file://artifacts", r"storage.uri 'file://artifacts': a file:// URI takes an absolute path .* 'artifacts' would be read as a host"),
+        (
+            "storage.uri=file://artifacts",
+            r"storage.uri 'file://artifacts': a file:// URI takes an absolute path "
+            r".* 'artifacts' would be read as a host",
+        ),
         ("storage.uri=file://srv/runs", r"'srv' would be read as a host name"),
-        ("data.path=file://data/houses.csv", r"data.path 'file://data/houses.csv': a file:// URI takes an absolute path"),
-        ("storage.endpoint_url=localhost:9000", r"storage.endpoint_url: .*expected an http:// or https:// URL .*'localhost:9000'"),
+        (
+            "data.path=file://data/houses.csv",
+            r"data.path 'file://data/houses.csv': a file:// URI takes an absolute path",
+        ),
+        (
+            "storage.endpoint_url=localhost:9000",
+            r"storage.endpoint_url: .*expected an http:// or https:// URL .*'localhost:9000'",
+        ),
         ("data.features=[x1, x2, x1]", r"data.features names 'x1' more than once"),
         ("data.drop=[id, id]", r"data.drop names 'id' more than once"),
         ("data.target=yes", r"data.target: .*the boolean True .*quote a column named so"),
-        ("tracking.champion_metric=test/acc", r"tracking.champion_metric: .*got 'test/acc'; expected auto, test/accuracy"),
-        ("schedule.milestones=[2, 2]", r"schedule.milestones must be strictly increasing positive epochs, got \[2, 2\]"),
+        (
+            "tracking.champion_metric=test/acc",
+            r"tracking.champion_metric: .*got 'test/acc'; expected auto, test/accuracy",
+        ),
+        (
+            "schedule.milestones=[2, 2]",
+            r"schedule.milestones must be strictly increasing positive epochs, got \[2, 2\]",
+        ),
         ("optim.name=rprop", None),  # the preset's weight decay does not follow a change to an optimizer without one
         ("optim.momentum=0.9", r"optim.momentum=0.9 applies to sgd and rmsprop only; for adamw"),
         ("train.grad_clip=1.0", None),  # with the preset's adamw: applied, fine
@@ -163,10 +191,9 @@ def test_lbfgs_takes_string_options_and_refuses_gradient_clipping():
 
 
 def test_file_uris_and_numeric_column_names_that_are_fine():
-    cfg = load_config("csv", overrides=[
-        "data.path=file:///data/houses.csv", "data.target=1", "data.features=[2019, x]",
-        "storage.uri=file://localhost/srv/runs", "storage.endpoint_url=http://minio:9000",
-    ])  # fmt: skip
+    data = ["data.path=file:///data/houses.csv", "data.target=1", "data.features=[2019, x]"]
+    storage = ["storage.uri=file://localhost/srv/runs", "storage.endpoint_url=http://minio:9000"]
+    cfg = load_config("csv", overrides=[*data, *storage])
     assert cfg.data.target == "1" and cfg.data.features == ["2019", "x"]  # YAML numbers mean those column names
     assert cfg.storage.uri == "file://localhost/srv/runs"
 

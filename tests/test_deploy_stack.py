@@ -359,14 +359,20 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 10.0) -> str:
 
 
 def test_entrypoint_worker_mode(fake_bin, tmp_path):
-    proc, out = run_entrypoint(fake_bin, tmp_path, "worker", "--prefetch-seconds", "30",
-                               env={"POOL": "gpu", "WORKER_LIMIT": "1"})  # fmt: skip
+    proc, out = run_entrypoint(
+        fake_bin, tmp_path, "worker", "--prefetch-seconds", "30", env={"POOL": "gpu", "WORKER_LIMIT": "1"}
+    )
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(out.read_text().splitlines()[0])
     assert argv[:3] == ["prefect", "worker", "start"]
     opts = argv[3:]
-    for flag, value in [("--pool", "gpu"), ("--type", "process"), ("--limit", "1"),
-                        ("--name", f"gpu-{os.uname().nodename}"), ("--install-policy", "never")]:  # fmt: skip
+    for flag, value in [
+        ("--pool", "gpu"),
+        ("--type", "process"),
+        ("--limit", "1"),
+        ("--name", f"gpu-{os.uname().nodename}"),
+        ("--install-policy", "never"),
+    ]:
         assert opts[opts.index(flag) + 1] == value, opts
     assert "--with-healthcheck" in opts and opts[-2:] == ["--prefetch-seconds", "30"]
     assert (tmp_path / "out.role").read_text().strip() == "worker"
@@ -391,8 +397,12 @@ def test_entrypoint_train_and_passthrough(fake_bin, tmp_path):
 
 
 def test_entrypoint_gpu_workers_claim_distinct_gpus(fake_bin, tmp_path):
-    env = {"TRAINYARD_GPU_CLAIM": "1", "TRAINYARD_GPU_COUNT": "2", "TRAINYARD_GPU_LOCK_DIR": str(tmp_path / "locks"),
-           "POOL": "gpu"}  # fmt: skip
+    env = {
+        "TRAINYARD_GPU_CLAIM": "1",
+        "TRAINYARD_GPU_COUNT": "2",
+        "TRAINYARD_GPU_LOCK_DIR": str(tmp_path / "locks"),
+        "POOL": "gpu",
+    }
     procs = []
     try:
         first, out1 = run_entrypoint(fake_bin, tmp_path, "worker", env=env, hold=60, name="w1")
@@ -567,8 +577,10 @@ def test_compose_ports_bind_to_localhost_by_default(compose):
             host_ip, host_port, container_port = interpolate(port, env).split(":")
             assert host_ip == "127.0.0.1" and host_port.isdigit() and container_port.isdigit()
     assert published >= 4
-    ports = {s: [interpolate(p, env).split(":", 1)[1] for p in svc.get("ports", [])]
-             for s, svc in compose["services"].items()}  # fmt: skip
+    ports = {
+        s: [interpolate(p, env).split(":", 1)[1] for p in svc.get("ports", [])]
+        for s, svc in compose["services"].items()
+    }
     assert ports["prefect-server"] == ["4200:4200"]
     assert ports["mlflow"] == ["5000:5000"]
     assert "9001:9001" in ports["minio"]
@@ -646,8 +658,13 @@ def test_postgres_init_creates_both_databases(tmp_path):
     bindir.mkdir()
     write_exe(bindir / "psql", '#!/bin/sh\nprintf "%s\\n" "$@" >"$FAKE_OUT.args"\ncat >"$FAKE_OUT.sql"\n')
     script = DEPLOY / "postgres" / "init-databases.sh"
-    env = {"PATH": f"{bindir}:{os.environ['PATH']}", "FAKE_OUT": str(tmp_path / "psql"),
-           "POSTGRES_USER": "postgres", "PREFECT_DB_PASSWORD": "pw-prefect-1", "MLFLOW_DB_PASSWORD": "pw-mlflow-2"}  # fmt: skip
+    env = {
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "FAKE_OUT": str(tmp_path / "psql"),
+        "POSTGRES_USER": "postgres",
+        "PREFECT_DB_PASSWORD": "pw-prefect-1",
+        "MLFLOW_DB_PASSWORD": "pw-mlflow-2",
+    }
     proc = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     sql = (tmp_path / "psql.sql").read_text()
@@ -670,11 +687,19 @@ def test_minio_init_creates_private_bucket_and_scoped_user(tmp_path):
         bindir / "mc",
         "#!/bin/sh\n"
         'printf "%s\\n" "$*" >>"$MC_LOG"\n'
-        'if [ "$1 $2 $3" = "admin user info" ] && [ -n "${FAKE_ATTACHED:-}" ]; then echo "PolicyName: trainyard-rw"; fi\n',
+        'if [ "$1 $2 $3" = "admin user info" ] && [ -n "${FAKE_ATTACHED:-}" ]; then '
+        'echo "PolicyName: trainyard-rw"; fi\n',
     )
-    env = {"PATH": f"{bindir}:{os.environ['PATH']}", "MC_LOG": str(log), "MC_CONFIG_DIR": str(tmp_path / "mc"),
-           "MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "rootpass1", "MINIO_BUCKET": "trainyard",
-           "TRAINYARD_S3_ACCESS_KEY": "appkey", "TRAINYARD_S3_SECRET_KEY": "appsecret1"}  # fmt: skip
+    env = {
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "MC_LOG": str(log),
+        "MC_CONFIG_DIR": str(tmp_path / "mc"),
+        "MINIO_ROOT_USER": "root",
+        "MINIO_ROOT_PASSWORD": "rootpass1",
+        "MINIO_BUCKET": "trainyard",
+        "TRAINYARD_S3_ACCESS_KEY": "appkey",
+        "TRAINYARD_S3_SECRET_KEY": "appsecret1",
+    }
     script = DEPLOY / "minio" / "init-bucket.sh"
     proc = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -837,8 +862,10 @@ def test_k8s_gpu_job_template():
     container["args"] = ["prefect", "flow-run", "execute"]
     k8s_validate(manifest)
     # Job variables reach the manifest.
-    more = render_template(template, {"image": "x:1", "gpu_count": 2, "memory_limit": "32Gi",
-                                      "node_selector": {"gpu": "h100"}, "tolerations": []})  # fmt: skip
+    more = render_template(
+        template,
+        {"image": "x:1", "gpu_count": 2, "memory_limit": "32Gi", "node_selector": {"gpu": "h100"}, "tolerations": []},
+    )
     more_pod = more["job_manifest"]["spec"]["template"]["spec"]
     assert more_pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 2, "memory": "32Gi"}
     assert more_pod["nodeSelector"] == {"gpu": "h100"} and more_pod["tolerations"] == []

@@ -121,19 +121,21 @@ def test_runs_on_the_embedded_server_send_no_heartbeats(prefect_harness, monkeyp
 def test_the_flow_is_imported_then_its_objects_frozen_and_the_collector_left_as_it_was(collector_on, state_home):
     import gc
 
-    from pipelines import cli
+    from pipelines import startup
     from pipelines.config import load_config
 
     was = gc.isenabled()
     (gc.enable if collector_on else gc.disable)()
     try:
-        with cli._collector_paused():
+        with startup.collector_paused():
             assert not gc.isenabled()
-            train_flow = cli._import_flow(load_config("mnist"))  # tracking: the state folder's SQLite file
+            train_flow = startup.import_flow(load_config("mnist"))  # tracking: the state folder's SQLite file
         assert gc.isenabled() is collector_on
         assert gc.get_freeze_count() > 0
         assert train_flow.name == "trainyard-train"
-        assert {"mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "torchmetrics.functional"} <= set(sys.modules)
+        assert {"mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "torchmetrics.functional"} <= set(
+            sys.modules
+        )
     finally:
         gc.unfreeze()
         (gc.enable if was else gc.disable)()
@@ -154,7 +156,8 @@ import sys, time
 from pathlib import Path
 from pipelines.embedded_prefect import EmbeddedPrefect
 home = Path(sys.argv[1])
-server = EmbeddedPrefect(home, {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}, timeout=180).start()
+settings = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+server = EmbeddedPrefect(home, settings, timeout=180).start()
 print(server.process.pid, flush=True)
 server.wait()
 print("up", flush=True)

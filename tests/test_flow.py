@@ -18,7 +18,9 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def csv_config(path, *extra):
-    return load_config("csv", overrides=[f"data.path={path}", "data.target=label", "data.drop=[id]", "train.epochs=10", *extra])
+    return load_config(
+        "csv", overrides=[f"data.path={path}", "data.target=label", "data.drop=[id]", "train.epochs=10", *extra]
+    )
 
 
 def tb_events(folder: Path):
@@ -52,7 +54,9 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home, tmp_path, monkeypatch):
     assert run.data.metrics["test/accuracy"] == pytest.approx(summary["test_metrics"]["test/accuracy"])
     from tasks.evaluate import metric_keys  # what the config's champion_metric is checked against before training
 
-    assert sorted(summary["test_metrics"]) == sorted(metric_keys(json.loads(Path(summary["dataset"]["path"], "schema.json").read_text())))
+    assert sorted(summary["test_metrics"]) == sorted(
+        metric_keys(json.loads(Path(summary["dataset"]["path"], "schema.json").read_text()))
+    )
     assert summary["test_metrics"]["test/accuracy"] > 0.9
     # tags: where the run came from
     tags = run.data.tags
@@ -64,16 +68,21 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home, tmp_path, monkeypatch):
     assert not any(workdir.iterdir())  # nothing of the run lands where it was started from
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "schema.json", "evaluation", "plots"} <= names
+    assert "config.txt" not in names  # MLflow has the config as params and config.yaml; the text view is TensorBoard's
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert {"evaluation/confusion_matrix.csv", "evaluation/classification_report.txt", "evaluation/metrics.json"} <= evaluation
+    assert {
+        "evaluation/confusion_matrix.csv",
+        "evaluation/classification_report.txt",
+        "evaluation/metrics.json",
+    } <= evaluation
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/confusion_matrix.png"]
     # the logged model loads and predicts with its signature's shape
     import mlflow.pytorch
     import torch
 
-    from tasks.tracking import _fluent_uris
+    from tasks.tracking import fluent_uris
 
-    with _fluent_uris(summary["tracking_uri"]):  # a reader points MLflow at the run's store, as a user would
+    with fluent_uris(summary["tracking_uri"]):  # a reader points MLflow at the run's store, as a user would
         model = mlflow.pytorch.load_model(summary["mlflow_model_uri"])
     width = json.loads(Path(summary["dataset"]["path"], "schema.json").read_text())["input_shape"][0]
     assert model(torch.zeros(3, width)).shape == (3, 1)
@@ -83,6 +92,7 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home, tmp_path, monkeypatch):
     assert {"train/loss", "val/loss", "val/accuracy", "lr", "test/accuracy"} <= set(scalars)
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 11))
     assert "test/confusion_matrix" in acc.Tags()["images"]
+    assert "config/text_summary" in acc.Tags()["tensors"]
     # the artifact store: weights, schema and metrics, each with its sha256
     assert set(summary["artifacts"]) == {"model_state.pt", "schema.json", "metrics.json"}
     for name, uri in summary["artifacts"].items():
@@ -99,7 +109,16 @@ def test_mnist_flow_on_small_idx_files(tmp_path, state_home):
 
     mnist_root = write_mnist(tmp_path / "mnist", n_train=1500, n_test=200)
 
-    cfg = load_config("mnist", overrides=[f"data.root={mnist_root}", "train.epochs=4", "train.batch_size=32", "model.channels=[8, 16]", "model.hidden=[32]"])
+    cfg = load_config(
+        "mnist",
+        overrides=[
+            f"data.root={mnist_root}",
+            "train.epochs=4",
+            "train.batch_size=32",
+            "model.channels=[8, 16]",
+            "model.hidden=[32]",
+        ],
+    )
     summary = train_flow(cfg)
     run = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["model.name"] == "cnn"
@@ -143,19 +162,66 @@ def test_diverging_training_marks_the_run_failed(tmp_path, state_home):
     assert not (state_home / "artifacts" / "trainyard").exists()
 
 
+SUMMARY_KEYS = {
+    "mlflow_run_id",
+    "run_name",
+    "experiment",
+    "tracking_uri",
+    "task",
+    "test_metrics",
+    "best_epoch",
+    "device",
+    "train_seconds",
+    "dataset",
+    "artifacts_uri",
+    "artifacts",
+    "artifact_sha256",
+    "mlflow_model_uri",
+    "champion",
+    "tensorboard_dir",
+}
+
+
 def test_cli_json_prints_one_object(toy_csv, capsys, state_home):
-    code = main(["train", "--preset", "csv", "--set", f"data.path={toy_csv}", "--set", "data.target=label",
-                 "--set", "train.epochs=2", "--json"])  # fmt: skip  (log_model on: registration prints notes)
+    code = main(
+        [
+            "train",
+            "--preset",
+            "csv",
+            "--set",
+            f"data.path={toy_csv}",
+            "--set",
+            "data.target=label",
+            "--set",
+            "train.epochs=2",
+            "--json",
+        ]
+    )  # log_model on: registration prints notes
     out = capsys.readouterr().out
     assert code == 0
     summary = json.loads(out)
-    assert set(summary) >= {"test_metrics", "mlflow_run_id", "artifacts"}
+    assert set(summary) == SUMMARY_KEYS  # scripts read these: the same keys, no more, no fewer
+    assert set(summary["dataset"]) == {"key", "content_hash", "reused", "path"}
+    assert set(summary["champion"]) >= {"promoted", "reason", "version", "metric"}
     assert summary["test_metrics"]["test/accuracy"] > 0.5
 
 
 def test_cli_table_and_config_errors(toy_csv, capsys):
-    code = main(["train", "--preset", "csv", "--set", f"data.path={toy_csv}", "--set", "data.target=label",
-                 "--set", "train.epochs=1", "--set", "tracking.log_model=false"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--preset",
+            "csv",
+            "--set",
+            f"data.path={toy_csv}",
+            "--set",
+            "data.target=label",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "tracking.log_model=false",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "test/accuracy" in out and "MLflow run" in out
     assert main(["train", "--preset", "csv", "--set", "optim.name=adamm"]) == 2
@@ -164,7 +230,7 @@ def test_cli_table_and_config_errors(toy_csv, capsys):
 
 
 def test_unchanged_run_is_skipped_unless_forced(toy_csv, state_home, monkeypatch):
-    import pipelines.steps as steps
+    from pipelines.champion_gate import unchanged_since_champion
     from pipelines.flow import train_flow
 
     monkeypatch.setenv("TRAINYARD_GIT_SHA", "0123456789abcdef")  # a known, clean code version
@@ -176,9 +242,9 @@ def test_unchanged_run_is_skipped_unless_forced(toy_csv, state_home, monkeypatch
     assert train_flow(cfg, force=True)["mlflow_run_id"] != first["mlflow_run_id"]
     # a change of code or config trains again
     uri = f"sqlite:///{state_home / 'mlflow.db'}"
-    assert steps.unchanged_since_champion(cfg, state_home, uri).startswith("data ")
+    assert unchanged_since_champion(cfg, state_home, uri).startswith("data ")
     monkeypatch.setenv("TRAINYARD_GIT_SHA", "fedcba9876543210")
-    assert steps.unchanged_since_champion(cfg, state_home, uri) == ""
+    assert unchanged_since_champion(cfg, state_home, uri) == ""
     monkeypatch.setenv("TRAINYARD_GIT_SHA", "0123456789abcdef")
     assert "mlflow_run_id" in train_flow(csv_config(toy_csv, "train.epochs=3"))
 
@@ -201,7 +267,10 @@ def test_a_champion_metric_the_dataset_cannot_report_fails_before_training(toy_c
     from pipelines.config import ConfigError
     from pipelines.flow import train_flow
 
-    with pytest.raises(ConfigError, match=r"tracking.champion_metric 'test/recall/maybe' is not among the test metrics .*test/recall/yes"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tracking.champion_metric 'test/recall/maybe' is not among the test metrics .*test/recall/yes",
+    ):
         train_flow(csv_config(toy_csv, "tracking.champion_metric=test/recall/maybe"))
     client = MlflowClient(f"sqlite:///{state_home / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("trainyard").experiment_id])

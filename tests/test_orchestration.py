@@ -39,13 +39,15 @@ def stack(tmp_path_factory):
     try:
         with postgres_database("trainyard_prefect") as (url, _name):
             asyncpg_url = url.replace("postgresql://", "postgresql+asyncpg://")
-            with prefect_server(asyncpg_url, root / "prefect-home", root / "server.log") as api:
-                with temporary_settings(updates={PREFECT_API_URL: api}):
+            with prefect_server(asyncpg_url, root / "prefect-home", root / "server.log") as api:  # noqa: SIM117
+                with temporary_settings(updates={PREFECT_API_URL: api}):  # the server's URL is known only now
                     from pipelines.deployments import deploy
 
                     ids = deploy(REPO, gpu_slots=1, csv_path="/data/retrain.csv", csv_target="label")
-                    with prefect_worker(api, "cpu", worker_env, root / "cpu-worker.log", limit=2), \
-                         prefect_worker(api, "gpu", worker_env, root / "gpu-worker.log", limit=1):  # fmt: skip
+                    with (
+                        prefect_worker(api, "cpu", worker_env, root / "cpu-worker.log", limit=2),
+                        prefect_worker(api, "gpu", worker_env, root / "gpu-worker.log", limit=1),
+                    ):
                         yield {"api": api, "ids": ids, "root": root, "s3": s3}
     finally:
         s3.stop()
@@ -84,9 +86,14 @@ def wait_final(client, flow_run_id, timeout=420):
 def csv_parameters(stack, toy_csv, experiment, **train):
     from pipelines.config import load_config
 
-    overrides = [f"data.path={toy_csv}", "data.target=label", "data.drop=[id]",
-                 f"tracking.uri=sqlite:///{stack['root'] / 'mlflow.db'}", f"tracking.experiment={experiment}",
-                 *[f"train.{k}={v}" for k, v in train.items()]]  # fmt: skip
+    overrides = [
+        f"data.path={toy_csv}",
+        "data.target=label",
+        "data.drop=[id]",
+        f"tracking.uri=sqlite:///{stack['root'] / 'mlflow.db'}",
+        f"tracking.experiment={experiment}",
+        *[f"train.{k}={v}" for k, v in train.items()],
+    ]
     return {"cfg": load_config("csv", overrides=overrides, env={}).model_dump(mode="json")}
 
 
@@ -95,7 +102,10 @@ def test_schedules_and_pools_are_registered(stack):
         nightly = client.read_deployment_by_name("trainyard-train/nightly-mnist")
         csv = client.read_deployment_by_name("trainyard-train/csv-retrain")
         gpu = client.read_deployment_by_name("trainyard-train-step/gpu")
-        assert nightly.schedules[0].schedule.cron == "0 2 * * *" and nightly.schedules[0].schedule.timezone == "Europe/Berlin"
+        assert (
+            nightly.schedules[0].schedule.cron == "0 2 * * *"
+            and nightly.schedules[0].schedule.timezone == "Europe/Berlin"
+        )
         assert csv.schedules[0].schedule.cron == "30 3 * * 1"
         assert nightly.work_pool_name == "cpu" and gpu.work_pool_name == "gpu"
         assert nightly.entrypoint == "pipelines/flow.py:retrying_train_flow"  # retries resume
@@ -114,7 +124,15 @@ def test_the_ui_form_schema(stack):
     defs = schema["definitions"]
     assert schema["properties"]["cfg"]["$ref"] == "#/definitions/TrainConfig"
     assert schema["properties"]["force"]["type"] == "boolean"
-    for section in ("DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainSection", "TrackingConfig", "StorageConfig"):
+    for section in (
+        "DataConfig",
+        "ModelConfig",
+        "OptimConfig",
+        "ScheduleConfig",
+        "TrainSection",
+        "TrackingConfig",
+        "StorageConfig",
+    ):
         for name, prop in defs[section]["properties"].items():
             assert prop.get("title") and prop.get("description"), f"{section}.{name} lacks a title or description"
             assert "anyOf" not in prop or name == "kwargs", f"{section}.{name} renders as an Optional toggle"
@@ -130,8 +148,15 @@ def test_the_ui_form_schema(stack):
 
 @pytest.mark.parametrize(
     "section, key, value",
-    [("train", "epochs", 0), ("model", "name", "resnet"), ("optim", "name", "adamm"), ("optim", "lr", -1.0),
-     ("train", "device", "tpu"), ("train", "epoch", 5), ("train", "bogus", 1)],  # fmt: skip
+    [
+        ("train", "epochs", 0),
+        ("model", "name", "resnet"),
+        ("optim", "name", "adamm"),
+        ("optim", "lr", -1.0),
+        ("train", "device", "tpu"),
+        ("train", "epoch", 5),
+        ("train", "bogus", 1),
+    ],
 )
 def test_bad_parameters_are_refused_before_a_run(stack, section, key, value):
     from prefect.exceptions import PrefectHTTPStatusError
@@ -157,13 +182,17 @@ def test_ui_triggered_run_then_skip_then_force(stack, toy_csv):
         assert first.info.status == "FINISHED" and first.data.params["train.epochs"] == "3"  # the changed parameter
         assert first.data.tags["prefect.flow_run_id"] == str(run.id)
         assert "test/accuracy" in first.data.metrics
-        assert (stack["root"] / "worker-state" / "artifacts" / experiment / first.info.run_id / "manifest.json").is_file()
+        assert (
+            stack["root"] / "worker-state" / "artifacts" / experiment / first.info.run_id / "manifest.json"
+        ).is_file()
         # nothing changed: the scheduled-style rerun skips
         skipped = wait_final(client, client.create_flow_run_from_deployment(dep.id, parameters=params).id)
         assert skipped.state.name == "Skipped" and "skipped: nothing changed" in skipped.state.message
         assert len(mlflow.search_runs([exp.experiment_id])) == 1
         # force trains anyway
-        forced = wait_final(client, client.create_flow_run_from_deployment(dep.id, parameters={**params, "force": True}).id)
+        forced = wait_final(
+            client, client.create_flow_run_from_deployment(dep.id, parameters={**params, "force": True}).id
+        )
         assert forced.state.is_completed() and forced.state.name == "Completed"
         assert len(mlflow.search_runs([exp.experiment_id])) == 2
 
@@ -185,7 +214,9 @@ def test_training_step_runs_on_the_gpu_pool(stack, toy_csv):
         gpu = client.read_deployment_by_name("trainyard-train-step/gpu")
         assert step.deployment_id == gpu.id
         assert [m.step for m in mlflow.get_metric_history(mrun.info.run_id, "train/loss")] == [1, 2, 3]
-    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=stack["s3"].url).list_objects_v2(Bucket=BUCKET)["Contents"]}
+    keys = {
+        o["Key"] for o in boto3.client("s3", endpoint_url=stack["s3"].url).list_objects_v2(Bucket=BUCKET)["Contents"]
+    }
     assert f"runs/handoffs/{mrun.info.run_id}/best.pt" in keys
     assert f"runs/{experiment}/{mrun.info.run_id}/manifest.json" in keys
 
@@ -195,17 +226,22 @@ def test_a_train_step_no_worker_starts_fails_the_wait_and_is_cancelled(stack, to
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from pipelines.config import TrainConfig
+    from pipelines.context import RunContext
     from pipelines.remote import RemoteTrainingError, train_remotely, train_step_flow
+    from tasks.results import DatasetRef
 
     params = csv_parameters(stack, toy_csv, "orch-idle")
     params["cfg"]["storage"].update(uri=f"s3://{BUCKET}/runs", endpoint_url=stack["s3"].url)
     cfg = TrainConfig.model_validate(params["cfg"])
+    root = stack["root"]
+    ctx = RunContext("run-x", "idle", root / "idle-run", root / "idle-tb", "sqlite:///unused.db", cfg.storage.uri, root)
+    dataset = DatasetRef("no-such-key", "", "", "csv", "classification", {}, reused=False)
     with client_for(stack) as client, temporary_settings(updates={PREFECT_API_URL: stack["api"]}):
         client.create_work_pool(WorkPoolCreate(name="gpu-idle", type="process"))  # a pool no worker serves
         train_step_flow.to_deployment(name="idle", work_pool_name="gpu-idle").apply()
-        with pytest.raises(RemoteTrainingError, match=r"no worker started train step 'trainyard-train-step/idle' .* within 3 s: it stayed Scheduled"):
-            train_remotely("trainyard-train-step/idle", cfg, "no-such-key", "run-x", "sqlite:///unused.db",
-                           cfg.storage.uri, str(stack["root"] / "idle-run"), str(stack["root"] / "idle-tb"), start_timeout=3)  # fmt: skip
+        expected = r"no worker started train step 'trainyard-train-step/idle' .* within 3 s: it stayed Scheduled"
+        with pytest.raises(RemoteTrainingError, match=expected):
+            train_remotely("trainyard-train-step/idle", cfg, ctx, dataset, start_timeout=3)
         dep = client.read_deployment_by_name("trainyard-train-step/idle")
         (step,) = client.read_flow_runs(deployment_filter=_deployment_filter(dep.id))
         assert step.state.type.value == "CANCELLED"  # it will not train later into a failed MLflow run
@@ -224,7 +260,13 @@ def test_deploy_again_sets_the_gpu_slots_entrypoints_and_image(stack):
 
     with temporary_settings(updates={PREFECT_API_URL: stack["api"]}):
         try:
-            deploy(REPO, gpu_slots=2, image="registry.example/trainyard-cuda:1", csv_path="/data/retrain.csv", csv_target="label")
+            deploy(
+                REPO,
+                gpu_slots=2,
+                image="registry.example/trainyard-cuda:1",
+                csv_path="/data/retrain.csv",
+                csv_target="label",
+            )
             with client_for(stack) as client:
                 assert client.read_work_pool("gpu").concurrency_limit == 2
                 step = client.read_deployment_by_name("trainyard-train-step/gpu")

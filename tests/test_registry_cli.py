@@ -28,7 +28,11 @@ def test_runs_limit_must_be_positive(capsys):
 
 
 def test_an_unreachable_server_fails_with_bounded_retries(monkeypatch, capsys):
-    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+    for name in (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert main(["runs", "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("trainyard runs: ")

@@ -21,8 +21,17 @@ from pipelines.config import load_config
 from tests.conftest import crash_training_once
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-SETTINGS = ["data.target=label", "data.drop=[id]", "train.epochs=30", "train.batch_size=2", "train.keep=last",
-            "train.seed=3", "model.dropout=0.2", "tracking.log_model=false", "train.device=cpu"]  # fmt: skip
+SETTINGS = [
+    "data.target=label",
+    "data.drop=[id]",
+    "train.epochs=30",
+    "train.batch_size=2",
+    "train.keep=last",
+    "train.seed=3",
+    "model.dropout=0.2",
+    "tracking.log_model=false",
+    "train.device=cpu",
+]
 
 
 def final_weights(summary) -> dict[str, torch.Tensor]:
@@ -34,7 +43,17 @@ def same(a, b) -> bool:
 
 
 def cli(toy_csv, home: Path, *extra: str) -> list[str]:
-    args = [sys.executable, "-m", "pipelines.cli", "train", "--preset", "csv", "--json", "--set", f"data.path={toy_csv}"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "train",
+        "--preset",
+        "csv",
+        "--json",
+        "--set",
+        f"data.path={toy_csv}",
+    ]
     for s in (*SETTINGS, *extra):
         args += ["--set", s]
     return args
@@ -43,13 +62,20 @@ def cli(toy_csv, home: Path, *extra: str) -> list[str]:
 def env_for(home: Path) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
-    return dict(os.environ, TRAINYARD_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return dict(
+        os.environ,
+        TRAINYARD_HOME=str(home),
+        PREFECT_API_URL=PREFECT_API_URL.value(),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
 
 
 def test_sigkill_mid_epoch_then_same_run_name_resumes(toy_csv, tmp_path):
     home = tmp_path / "home"
     args = cli(toy_csv, home, "tracking.run_name=nightly-7")
-    proc = subprocess.Popen(args, env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     killed_after = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -87,11 +113,11 @@ def test_sigkill_mid_epoch_then_same_run_name_resumes(toy_csv, tmp_path):
 
 
 def test_a_prefect_flow_retry_resumes_from_the_checkpoint(toy_csv, state_home, monkeypatch, tmp_path):
-    import pipelines.steps as steps
+    import pipelines.training as training
     from pipelines.flow import train_flow
 
     cfg = load_config("csv", overrides=[f"data.path={toy_csv}", *SETTINGS, "train.epochs=6", "train.batch_size=16"])
-    real = steps.train_model
+    real = training.train_model
     calls = crash_training_once(monkeypatch, at_epoch=2)
     summary = train_flow.with_options(retries=1, retry_delay_seconds=0)(cfg)
     assert calls[0] is None and calls[1] is not None and Path(calls[1]).name == "last.pt"
@@ -100,7 +126,7 @@ def test_a_prefect_flow_retry_resumes_from_the_checkpoint(toy_csv, state_home, m
     assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
     assert run.data.tags["train.resumed_from_epoch"] == "2"
 
-    monkeypatch.setattr(steps, "train_model", real)
+    monkeypatch.setattr(training, "train_model", real)
     monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "reference"))
     assert same(final_weights(summary), final_weights(train_flow(cfg)))
 
@@ -134,5 +160,7 @@ def test_a_run_is_continued_only_with_the_config_it_was_started_with(toy_csv, st
     params = client.get_run(fixed["mlflow_run_id"]).data.params
     assert params["data.target"] == "label" and params["optim.lr"] == "0.01"
     # --resume of the failed run under another config is refused by name
-    with pytest.raises(ConfigError, match="that run was started with another config .*resume it with the config it was started with"):
+    with pytest.raises(
+        ConfigError, match="that run was started with another config .*resume it with the config it was started with"
+    ):
         train_flow(load_config("csv", overrides=[*base, "optim.lr=0.01"]), resume=failed.info.run_id)

@@ -55,11 +55,21 @@ def s3_client(s3):
 
 
 def service_config(csv_path, s3, mlflow_uri, experiment, *extra):
-    return load_config("csv", overrides=[
-        f"data.path={csv_path}", "data.target=label", "data.drop=[id]", "train.epochs=8",
-        f"tracking.uri={mlflow_uri}", f"tracking.experiment={experiment}",
-        f"storage.uri=s3://{BUCKET}/runs", f"storage.endpoint_url={s3.url}", "storage.max_attempts=2", *extra,
-    ])  # fmt: skip
+    return load_config(
+        "csv",
+        overrides=[
+            f"data.path={csv_path}",
+            "data.target=label",
+            "data.drop=[id]",
+            "train.epochs=8",
+            f"tracking.uri={mlflow_uri}",
+            f"tracking.experiment={experiment}",
+            f"storage.uri=s3://{BUCKET}/runs",
+            f"storage.endpoint_url={s3.url}",
+            "storage.max_attempts=2",
+            *extra,
+        ],
+    )
 
 
 def test_flow_against_mlflow_server_and_s3_with_champion(toy_csv, s3, mlflow_uri, tmp_path, monkeypatch):
@@ -79,7 +89,7 @@ def test_flow_against_mlflow_server_and_s3_with_champion(toy_csv, s3, mlflow_uri
     # our artifact store: every object carries its sha256, and it matches the bytes
     prefix = f"runs/{experiment}/{run_id}/"
     objects = s3_client(s3).list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
-    names = {o["Key"][len(prefix):] for o in objects}
+    names = {o["Key"][len(prefix) :] for o in objects}
     assert {"model_state.pt", "schema.json", "metrics.json", "manifest.json", "checkpoints/best.pt"} <= names
     assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
     for name in ("model_state.pt", "schema.json", "checkpoints/best.pt"):
@@ -95,7 +105,9 @@ def test_flow_against_mlflow_server_and_s3_with_champion(toy_csv, s3, mlflow_uri
 
     # a second, worse run on another "machine" (a fresh state folder): reuses the shared dataset, stays challenger
     monkeypatch.setenv("TRAINYARD_HOME", str(tmp_path / "other-machine"))
-    second = train_flow(service_config(toy_csv, s3, mlflow_uri, experiment, "train.epochs=1", "optim.lr=1e-6", "schedule.name=none"))
+    second = train_flow(
+        service_config(toy_csv, s3, mlflow_uri, experiment, "train.epochs=1", "optim.lr=1e-6", "schedule.name=none")
+    )
     assert second["dataset"]["reused"] and second["dataset"]["key"] == first["dataset"]["key"]
     assert second["test_metrics"]["test/accuracy"] < first["test_metrics"]["test/accuracy"]
     assert client.get_model_version_by_alias(experiment, "champion").version == "1"
@@ -121,13 +133,13 @@ def test_flow_against_mlflow_server_and_s3_with_champion(toy_csv, s3, mlflow_uri
 
 
 def test_wrong_bucket_fails_before_training(toy_csv, s3, mlflow_uri, monkeypatch):
-    import pipelines.steps as steps
+    import pipelines.training as training
     from pipelines.flow import train_flow
 
     experiment = f"svc-{uuid.uuid4().hex[:8]}"
     cfg = service_config(toy_csv, s3, mlflow_uri, experiment, "storage.uri=s3://no-such-bucket/x")
     called = []
-    monkeypatch.setattr(steps, "train_model", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(training, "train_model", lambda *a, **k: called.append(1))
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
         train_flow(cfg)
     assert called == [] and MlflowClient(mlflow_uri).get_experiment_by_name(experiment) is None
@@ -147,8 +159,12 @@ def test_refused_credentials_are_a_clear_error(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)  # keys the endpoint refuses, and that must not be echoed
     port = free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/moto-api/", proc=proc)
         from tasks.s3store import S3Store
@@ -173,14 +189,16 @@ def test_corrupted_object_is_refused_and_not_used(s3, tmp_path):
     store.publish("e/r", {"model.pt": str(src)})
     assert store.fetch("e/r/model.pt", tmp_path / "ok.bin").read_bytes() == b"the real weights"
     head = s3_client(s3).head_object(Bucket=BUCKET, Key="corrupt/e/r/model.pt")
-    s3_client(s3).put_object(Bucket=BUCKET, Key="corrupt/e/r/model.pt", Body=b"flipped bits!", Metadata=head["Metadata"])
+    s3_client(s3).put_object(
+        Bucket=BUCKET, Key="corrupt/e/r/model.pt", Body=b"flipped bits!", Metadata=head["Metadata"]
+    )
     with pytest.raises(StorageError, match=r"s3://trainyard-artifacts/corrupt/e/r/model.pt: sha256 .* does not match"):
         store.fetch("e/r/model.pt", tmp_path / "bad.bin")
     assert not (tmp_path / "bad.bin").exists() and not list(tmp_path.glob(".bad.bin*"))
 
 
 def test_a_failed_checkpoint_upload_keeps_the_previous_checkpoint(s3, tmp_path, monkeypatch):
-    from pipelines.steps import checkpoint_prefix, fetch_checkpoint, publish_checkpoint
+    from tasks.checkpoint import checkpoint_prefix, fetch_checkpoint, publish_checkpoint
     from tasks.s3store import S3Store
 
     store = S3Store(BUCKET, "ckpt", endpoint_url=s3.url)
@@ -228,27 +246,36 @@ def test_a_retry_on_another_worker_resumes_from_the_shared_checkpoint(toy_csv, s
     """The worker is lost after epoch 2 with its local run folder; the retry finds the checkpoint in S3."""
     import shutil
 
-    import pipelines.steps as steps
+    import pipelines.training as training
     from pipelines.flow import train_flow
 
-    cfg = load_config("csv", overrides=[
-        f"data.path={toy_csv}", "data.target=label", "data.drop=[id]", "train.epochs=4", "train.batch_size=16",
-        f"storage.uri=s3://{BUCKET}/retry", f"storage.endpoint_url={s3.url}", "storage.max_attempts=2",
-    ])  # fmt: skip
+    cfg = load_config(
+        "csv",
+        overrides=[
+            f"data.path={toy_csv}",
+            "data.target=label",
+            "data.drop=[id]",
+            "train.epochs=4",
+            "train.batch_size=16",
+            f"storage.uri=s3://{BUCKET}/retry",
+            f"storage.endpoint_url={s3.url}",
+            "storage.max_attempts=2",
+        ],
+    )
 
     def lose_the_workers_files():
         for folder in state_home.glob("runs/*/checkpoints"):
             shutil.rmtree(folder)
 
     calls = crash_training_once(monkeypatch, at_epoch=2, lose=lose_the_workers_files)
-    fetch, fetched = steps.fetch_checkpoint, []
+    fetch, fetched = training.fetch_checkpoint, []
 
     def recording_fetch(store, run_id, folder):
         found = fetch(store, run_id, folder)
         fetched.append(sorted(p.name for p in folder.iterdir()) if found else None)
         return found
 
-    monkeypatch.setattr(steps, "fetch_checkpoint", recording_fetch)
+    monkeypatch.setattr(training, "fetch_checkpoint", recording_fetch)
     summary = train_flow.with_options(retries=1, retry_delay_seconds=0)(cfg)
     assert calls[0] is None and calls[1] is not None
     assert fetched == [None, ["best.pt", "last.pt"]]  # the retry took both from S3: the weights kept so far too
@@ -258,14 +285,14 @@ def test_a_retry_on_another_worker_resumes_from_the_shared_checkpoint(toy_csv, s
 
 def _stop_after_evaluate(monkeypatch, s3, restart_after: float | None):
     """Stop the S3 endpoint right after evaluation, i.e. just before the artifacts are stored."""
-    import pipelines.flow as F
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    import pipelines.steps as steps
+    import pipelines.flow as F
+    import pipelines.training as training
 
     def evaluate_then_stop(*args, **kwargs):
-        out = steps.evaluate(*args, **kwargs)
+        out = training.evaluate(*args, **kwargs)
         s3.stop()
         if restart_after is not None:
             threading.Timer(restart_after, s3.start).start()
@@ -292,7 +319,9 @@ def test_s3_gone_for_good_fails_the_run_cleanly(toy_csv, s3, mlflow_uri, monkeyp
     try:
         with pytest.raises(StorageError) as err:
             train_flow(service_config(toy_csv, s3, mlflow_uri, experiment))
-        assert f"s3://{BUCKET}/runs/{experiment}/" in str(err.value) and "cannot reach the S3 endpoint" in str(err.value)
+        assert f"s3://{BUCKET}/runs/{experiment}/" in str(err.value) and "cannot reach the S3 endpoint" in str(
+            err.value
+        )
     finally:
         s3.start()
     client = MlflowClient(mlflow_uri)

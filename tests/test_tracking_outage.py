@@ -23,7 +23,9 @@ def server_control(tmp_path):
         ctl = {"port": port, "uri": f"http://127.0.0.1:{port}", "cm": None, "timers": []}
 
         def start():
-            ctl["cm"] = mlflow_server(backend, (tmp_path / "mlartifacts").as_uri(), "", tmp_path / "server.log", port=port)
+            ctl["cm"] = mlflow_server(
+                backend, (tmp_path / "mlartifacts").as_uri(), "", tmp_path / "server.log", port=port
+            )
             ctl["cm"].__enter__()
 
         def stop():
@@ -58,8 +60,17 @@ def outage_at(monkeypatch, ctl, step: int, back_after: float | None):
 
 
 def config(toy_csv, uri, *extra):
-    return load_config("csv", overrides=[f"data.path={toy_csv}", "data.target=label", "train.epochs=5",
-                                         f"tracking.uri={uri}", "tracking.log_model=false", *extra])  # fmt: skip
+    return load_config(
+        "csv",
+        overrides=[
+            f"data.path={toy_csv}",
+            "data.target=label",
+            "train.epochs=5",
+            f"tracking.uri={uri}",
+            "tracking.log_model=false",
+            *extra,
+        ],
+    )
 
 
 def test_metrics_are_buffered_while_the_server_is_away(toy_csv, server_control, monkeypatch):
@@ -74,7 +85,9 @@ def test_metrics_are_buffered_while_the_server_is_away(toy_csv, server_control, 
         assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], key)] == [1, 2, 3, 4, 5]
 
 
-def test_a_server_gone_for_good_fails_the_run_and_keeps_the_checkpoint(toy_csv, server_control, monkeypatch, state_home):
+def test_a_server_gone_for_good_fails_the_run_and_keeps_the_checkpoint(
+    toy_csv, server_control, monkeypatch, state_home
+):
     from pipelines.flow import train_flow
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
