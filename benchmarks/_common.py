@@ -1,4 +1,7 @@
-"""Shared bits of the benchmark scripts: JSON result lines, device helpers, synthetic images."""
+"""Shared bits of the benchmark scripts: JSON result lines, device helpers, synthetic images.
+
+split_tensors and digits_schema are the tests' too (tests/conftest.py imports them as
+benchmarks._common): they stay free of anything but the standard library."""
 
 from __future__ import annotations
 
@@ -88,24 +91,31 @@ def synthetic_digits(n: int, seed: int = 0):
     return x, y
 
 
-def digits_prepared(n_train: int, n_val: int, seed: int = 0):
-    """A Prepared dataset shaped like MNIST's (uint8, normalisation in the schema)."""
-    from tasks.prepared import Prepared
+def split_tensors(x, y, a: int, b: int) -> dict:
+    """x, y cut at a and b into a prepared dataset's six tensors: train [:a], val [a:b], test [b:]."""
+    return {"x_train": x[:a], "y_train": y[:a], "x_val": x[a:b], "y_val": y[a:b], "x_test": x[b:], "y_test": y[b:]}
 
-    x, y = synthetic_digits(n_train + 2 * n_val, seed)
-    a, b = n_train, n_train + n_val
-    tensors = {"x_train": x[:a], "y_train": y[:a], "x_val": x[a:b], "y_val": y[a:b], "x_test": x[b:], "y_test": y[b:]}
-    schema = {
+
+def digits_schema(key: str) -> dict:
+    """The schema of a prepared MNIST-shaped dataset (uint8 1x28x28 images, ten classes, MNIST's normalisation)."""
+    return {
         "task": "classification",
         "binary": False,
         "n_classes": 10,
         "label_names": [str(i) for i in range(10)],
         "input_shape": [1, 28, 28],
         "output_size": 10,
-        "key": "synthetic-digits",
+        "key": key,
         "normalize": {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]},
     }
-    return Prepared(tensors, schema)
+
+
+def digits_prepared(n_train: int, n_val: int, seed: int = 0):
+    """A Prepared dataset shaped like MNIST's (uint8, normalisation in the schema)."""
+    from tasks.prepared import Prepared
+
+    x, y = synthetic_digits(n_train + 2 * n_val, seed)
+    return Prepared(split_tensors(x, y, n_train, n_train + n_val), digits_schema("synthetic-digits"))
 
 
 class GraphLog(logging.Handler):

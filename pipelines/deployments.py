@@ -36,6 +36,20 @@ class Plan:
     tags: list[str] = field(default_factory=list)
 
 
+def _scheduled(name: str, description: str, cron: str, timezone: str, cfg: dict[str, Any], tag: str) -> Plan:
+    """A retrain of the whole flow on the cpu pool on a cron schedule."""
+    return Plan(
+        name,
+        "train",
+        CPU_POOL,
+        description,
+        cron=cron,
+        timezone=timezone,
+        parameters={"cfg": cfg},
+        tags=["scheduled", tag],
+    )
+
+
 def plans(
     csv_path: str = "/data/retrain.csv", csv_target: str = "label", timezone: str = TIMEZONE, gpu_slots: int = 1
 ) -> list[Plan]:
@@ -43,26 +57,12 @@ def plans(
     mnist = load_config("mnist", env={}).model_dump(mode="json")
     csv_overrides = [f"data.path={csv_path}", f"data.target={csv_target}"]
     csv = load_config("csv", overrides=csv_overrides, env={}).model_dump(mode="json")
-    nightly = Plan(
-        "nightly-mnist",
-        "train",
-        CPU_POOL,
+    nightly_text, weekly_text = (
         "Retrain the MNIST preset every night at 02:00.",
-        cron="0 2 * * *",
-        timezone=timezone,
-        parameters={"cfg": mnist},
-        tags=["scheduled", "mnist"],
-    )
-    weekly = Plan(
-        "csv-retrain",
-        "train",
-        CPU_POOL,
         "Retrain on the CSV every Monday at 03:30.",
-        cron="30 3 * * 1",
-        timezone=timezone,
-        parameters={"cfg": csv},
-        tags=["scheduled", "csv"],
     )
+    nightly = _scheduled("nightly-mnist", nightly_text, "0 2 * * *", timezone, mnist, "mnist")
+    weekly = _scheduled("csv-retrain", weekly_text, "30 3 * * 1", timezone, csv, "csv")
     on_demand = Plan(
         "on-demand",
         "train",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The real MNIST t10k files: ../shared/data/mnist beside the project, or TRAINYARD_REAL_MNIST.
 REAL_MNIST = Path(os.environ.get("TRAINYARD_REAL_MNIST") or REPO.parent / "shared" / "data" / "mnist")
+if str(REPO) not in sys.path:  # `from tests.conftest import ...` and `benchmarks._common` under a bare `pytest` too
+    sys.path.insert(0, str(REPO))
 
 
 @pytest.fixture(autouse=True)
@@ -76,6 +79,20 @@ def write_mnist(root: Path, n_train: int = 300, n_test: int = 100, gz: bool = Tr
     return root
 
 
+def prepared_digits(n: int, seed: int):
+    """make_digits(n, seed) as a prepared MNIST-shaped dataset (uint8 N x 1 x 28 x 28, int64 labels),
+    cut 70 / 15 / 15 into train, val and test."""
+    import torch
+
+    from benchmarks._common import digits_schema, split_tensors
+    from tasks.prepared import Prepared
+
+    images, labels = make_digits(n, seed)
+    x = torch.from_numpy(images).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return Prepared(split_tensors(x, y, int(n * 0.7), int(n * 0.85)), digits_schema("digits"))
+
+
 @pytest.fixture
 def mnist_root(tmp_path) -> Path:
     return write_mnist(tmp_path / "mnist")
@@ -112,6 +129,29 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def train_argv(*settings: str, preset: str = "csv", json: bool = False, python: bool = True) -> list[str]:
+    """`trainyard train --preset PRESET [--json]` with `--set S` for each setting: the command line of a
+    child process (`python -m pipelines.cli ...`), or with python=False the argv for main()."""
+    argv = ["train", "--preset", preset, *(["--json"] if json else [])]
+    for item in settings:
+        argv += ["--set", item]
+    return [sys.executable, "-m", "pipelines.cli", *argv] if python else argv
+
+
+def cli_env(home: Path, *, harness_api: bool = False, **extra: str) -> dict[str, str]:
+    """The environment of a `trainyard` child process: this one's, with `home` as TRAINYARD_HOME, no
+    Prefect telemetry, and `extra`. PREFECT_API_URL: with harness_api the prefect_harness fixture's API
+    (no embedded server to wait for), else none (the child starts the embedded server; give it a
+    PREFECT_HOME in `extra`) unless `extra` names one."""
+    env = {name: value for name, value in os.environ.items() if name != "PREFECT_API_URL"}
+    if harness_api:
+        from prefect.settings import PREFECT_API_URL
+
+        env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    env.update(TRAINYARD_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+    return env
 
 
 def crash_training_once(monkeypatch, at_epoch: int, lose=None) -> list:

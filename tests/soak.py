@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from tests.conftest import cli_env, train_argv  # noqa: E402
 from tests.services import (  # noqa: E402
     FAKE_KEYS,
     S3Endpoint,
@@ -87,20 +88,10 @@ class Soak:
             "storage.max_attempts=3",
             "tracking.flush_timeout=120",
         ]
-        out = [sys.executable, "-m", "pipelines.cli", "train", "--preset", "csv", "--json", "--force"]
-        for s in sets:
-            out += ["--set", s]
-        return out
+        return [*train_argv(*sets, json=True), "--force"]
 
     def env(self) -> dict[str, str]:
-        return dict(
-            os.environ,
-            TRAINYARD_HOME=str(self.home),
-            PREFECT_API_URL=self.prefect_api,
-            PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            AWS_DEFAULT_REGION="us-east-1",
-            **FAKE_KEYS,
-        )
+        return cli_env(self.home, PREFECT_API_URL=self.prefect_api, AWS_DEFAULT_REGION="us-east-1", **FAKE_KEYS)
 
     def start(self, run_name: str, seed: int) -> subprocess.Popen:
         self.started += 1

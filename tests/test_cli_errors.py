@@ -3,10 +3,8 @@ run as KILLED with one line and the shell's status 130, and no traceback reaches
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,28 +13,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_env, train_argv
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def train_command(*overrides: str) -> list[str]:
-    args = [sys.executable, "-m", "pipelines.cli", "train", "--preset", "csv"]
-    for item in overrides:
-        args += ["--set", item]
-    return args
-
-
-def env_for(home: Path) -> dict[str, str]:
-    """The test's Prefect API (no embedded server to wait for), a private state folder."""
-    from prefect.settings import PREFECT_API_URL
-
-    return dict(
-        os.environ,
-        TRAINYARD_HOME=str(home),
-        PREFECT_API_URL=PREFECT_API_URL.value(),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    )
 
 
 def only_run(home: Path):
@@ -50,8 +29,9 @@ def test_a_cnn_on_a_table_is_one_line_without_a_traceback(tmp_path):
     rng = np.random.default_rng(0)
     pd.DataFrame({"a": rng.normal(size=60), "b": rng.normal(size=60), "y": ["p", "q"] * 30}).to_csv(path, index=False)
     home = tmp_path / "home"
-    cmd = train_command(f"data.path={path}", "data.target=y", "model.name=cnn", "train.epochs=1")
-    proc = subprocess.run(cmd, env=env_for(home), capture_output=True, text=True, timeout=600, cwd=REPO)
+    cmd = train_argv(f"data.path={path}", "data.target=y", "model.name=cnn", "train.epochs=1")
+    env = cli_env(home, harness_api=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -66,7 +46,7 @@ def test_ctrl_c_ends_the_run_killed_with_one_line(tmp_path):
     x = rng.normal(size=(3000, 2))
     pd.DataFrame({"x1": x[:, 0], "x2": x[:, 1], "y": np.where(x[:, 0] > x[:, 1], "p", "q")}).to_csv(path, index=False)
     home = tmp_path / "home"
-    cmd = train_command(
+    cmd = train_argv(
         f"data.path={path}",
         "data.target=y",
         "train.epochs=500",
@@ -74,7 +54,8 @@ def test_ctrl_c_ends_the_run_killed_with_one_line(tmp_path):
         "tracking.log_model=false",
         "train.device=cpu",
     )
-    proc = subprocess.Popen(cmd, env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    env = cli_env(home, harness_api=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and not list(home.glob("runs/*/checkpoints/last.pt")):

@@ -6,41 +6,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
 
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import cli_env, train_argv
+
 
 def test_four_runs_at_once_share_nothing_they_should_not(toy_csv, state_home, tmp_path):
-    env = dict(
-        os.environ,
-        TRAINYARD_HOME=str(state_home),
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    )
-    env.pop("PREFECT_API_URL", None)
-    cli = [
-        sys.executable,
-        "-m",
-        "pipelines.cli",
-        "train",
-        "--preset",
-        "csv",
-        "--json",
-        "--set",
-        f"data.path={toy_csv}",
-        "--set",
-        "data.target=label",
-        "--set",
-        "train.epochs=2",
+    env = cli_env(state_home, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    argvs = [
+        train_argv(f"data.path={toy_csv}", "data.target=label", "train.epochs=2", f"train.seed={i}", json=True)
+        for i in range(4)
     ]
     with contextlib.ExitStack() as files:
         errs = [files.enter_context(open(tmp_path / f"err{i}", "w")) for i in range(4)]
         procs = [
-            subprocess.Popen([*cli, "--set", f"train.seed={i}"], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-            for i, err in enumerate(errs)
+            subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+            for argv, err in zip(argvs, errs, strict=True)
         ]
         try:
             outs = [p.communicate(timeout=600)[0] for p in procs]

@@ -8,7 +8,6 @@ No timing assertions here.
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,36 +17,14 @@ from tasks.errors import TrainingError
 from tasks.optimisation import build_optimizer
 from tasks.prepared import Prepared
 from tasks.train import train_model
-from tests.conftest import make_digits
+from tests.conftest import prepared_digits
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def digits(n=1200, seed=0) -> Prepared:
     """Synthetic uint8 'digits' (one bright band per class) shaped like a prepared MNIST dataset."""
-    images, labels = make_digits(n, seed)
-    x = torch.from_numpy(images).unsqueeze(1)
-    y = torch.from_numpy(labels.astype(np.int64))
-    cut1, cut2 = int(n * 0.7), int(n * 0.85)
-    tensors = {
-        "x_train": x[:cut1],
-        "y_train": y[:cut1],
-        "x_val": x[cut1:cut2],
-        "y_val": y[cut1:cut2],
-        "x_test": x[cut2:],
-        "y_test": y[cut2:],
-    }
-    schema = {
-        "task": "classification",
-        "binary": False,
-        "n_classes": 10,
-        "label_names": [str(i) for i in range(10)],
-        "input_shape": [1, 28, 28],
-        "output_size": 10,
-        "key": "digits",
-        "normalize": {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]},
-    }
-    return Prepared(tensors, schema)
+    return prepared_digits(n, seed)
 
 
 def cnn_cfg() -> ModelConfig:

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipelines.cli import main
 from pipelines.config import load_config
 from tasks.errors import DataError, TrainingError
+from tests.conftest import train_argv
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -184,18 +185,7 @@ SUMMARY_KEYS = {
 
 def test_cli_json_prints_one_object(toy_csv, capsys, state_home):
     code = main(
-        [
-            "train",
-            "--preset",
-            "csv",
-            "--set",
-            f"data.path={toy_csv}",
-            "--set",
-            "data.target=label",
-            "--set",
-            "train.epochs=2",
-            "--json",
-        ]
+        train_argv(f"data.path={toy_csv}", "data.target=label", "train.epochs=2", json=True, python=False)
     )  # log_model on: registration prints notes
     out = capsys.readouterr().out
     assert code == 0
@@ -208,23 +198,13 @@ def test_cli_json_prints_one_object(toy_csv, capsys, state_home):
 
 def test_cli_table_and_config_errors(toy_csv, capsys):
     code = main(
-        [
-            "train",
-            "--preset",
-            "csv",
-            "--set",
-            f"data.path={toy_csv}",
-            "--set",
-            "data.target=label",
-            "--set",
-            "train.epochs=1",
-            "--set",
-            "tracking.log_model=false",
-        ]
+        train_argv(
+            f"data.path={toy_csv}", "data.target=label", "train.epochs=1", "tracking.log_model=false", python=False
+        )
     )
     out = capsys.readouterr().out
     assert code == 0 and "test/accuracy" in out and "MLflow run" in out
-    assert main(["train", "--preset", "csv", "--set", "optim.name=adamm"]) == 2
+    assert main(train_argv("optim.name=adamm", python=False)) == 2
     err = capsys.readouterr().err
     assert "optim.name" in err and "'adam'" in err
 

@@ -13,28 +13,11 @@ from pipelines.config import ModelConfig, OptimConfig, ScheduleConfig, TrainSect
 from tasks.checkpoint import load_weights
 from tasks.errors import TrainingError
 from tasks.train import train_model
-from tests.conftest import make_digits
+from tests.conftest import prepared_digits
 
 
 def digits(n=600):
-    from tasks.prepared import Prepared
-
-    x, y = make_digits(n, 3)
-    x = torch.from_numpy(x).unsqueeze(1)
-    y = torch.from_numpy(y.astype("int64"))
-    a, b = int(n * 0.7), int(n * 0.85)
-    tensors = {"x_train": x[:a], "y_train": y[:a], "x_val": x[a:b], "y_val": y[a:b], "x_test": x[b:], "y_test": y[b:]}
-    schema = {
-        "task": "classification",
-        "binary": False,
-        "n_classes": 10,
-        "label_names": [str(i) for i in range(10)],
-        "input_shape": [1, 28, 28],
-        "output_size": 10,
-        "key": "digits",
-        "normalize": {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]},
-    }
-    return Prepared(tensors, schema)
+    return prepared_digits(n, 3)
 
 
 MODEL = ModelConfig(name="cnn", channels=[4, 8], hidden=[16], dropout=0.3)

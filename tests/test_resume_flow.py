@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import load_config
-from tests.conftest import crash_training_once
+from tests.conftest import cli_env, crash_training_once, train_argv
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 SETTINGS = [
@@ -42,40 +41,14 @@ def same(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def cli(toy_csv, home: Path, *extra: str) -> list[str]:
-    args = [
-        sys.executable,
-        "-m",
-        "pipelines.cli",
-        "train",
-        "--preset",
-        "csv",
-        "--json",
-        "--set",
-        f"data.path={toy_csv}",
-    ]
-    for s in (*SETTINGS, *extra):
-        args += ["--set", s]
-    return args
-
-
-def env_for(home: Path) -> dict[str, str]:
-    from prefect.settings import PREFECT_API_URL
-
-    return dict(
-        os.environ,
-        TRAINYARD_HOME=str(home),
-        PREFECT_API_URL=PREFECT_API_URL.value(),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    )
+def cli(toy_csv, *extra: str) -> list[str]:
+    return train_argv(f"data.path={toy_csv}", *SETTINGS, *extra, json=True)
 
 
 def test_sigkill_mid_epoch_then_same_run_name_resumes(toy_csv, tmp_path):
     home = tmp_path / "home"
-    args = cli(toy_csv, home, "tracking.run_name=nightly-7")
-    proc = subprocess.Popen(
-        args, env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    args, env = cli(toy_csv, "tracking.run_name=nightly-7"), cli_env(home, harness_api=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
     killed_after = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -97,7 +70,7 @@ def test_sigkill_mid_epoch_then_same_run_name_resumes(toy_csv, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("trainyard").experiment_id])
     assert run.info.status == "RUNNING"  # killed: nobody marked it
 
-    again = subprocess.run(args, env=env_for(home), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
     assert summary["mlflow_run_id"] == run.info.run_id  # the same MLflow run
@@ -107,7 +80,8 @@ def test_sigkill_mid_epoch_then_same_run_name_resumes(toy_csv, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")][-1] == 30
 
     ref_home = tmp_path / "reference"
-    ref = subprocess.run(cli(toy_csv, ref_home), env=env_for(ref_home), capture_output=True, text=True, timeout=600)
+    ref_env = cli_env(ref_home, harness_api=True)
+    ref = subprocess.run(cli(toy_csv), env=ref_env, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert same(final_weights(summary), final_weights(json.loads(ref.stdout)))
 

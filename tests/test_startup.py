@@ -10,7 +10,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_env, train_argv
 
 PROBE = """
 import json, sys
@@ -64,29 +64,8 @@ def test_a_run_with_start_up_tuning_off(toy_csv, tmp_path):
     """TRAINYARD_STARTUP_TUNING=0: the embedded server is started and waited for first, MLflow is used
     through its public API only; the run is the same (tracked, stored, model registered)."""
     home = tmp_path / "home"
-    env = dict(
-        os.environ,
-        TRAINYARD_HOME=str(home),
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        TRAINYARD_STARTUP_TUNING="0",
-    )
-    env.pop("PREFECT_API_URL", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipelines.cli",
-        "train",
-        "--preset",
-        "csv",
-        "--json",
-        "--set",
-        f"data.path={toy_csv}",
-        "--set",
-        "data.target=label",
-        "--set",
-        "train.epochs=1",
-    ]
+    env = cli_env(home, PREFECT_HOME=str(tmp_path / "prefect-home"), TRAINYARD_STARTUP_TUNING="0")
+    cmd = train_argv(f"data.path={toy_csv}", "data.target=label", "train.epochs=1", json=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)

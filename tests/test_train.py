@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks._common import split_tensors
 from pipelines.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainSection
 from tasks.checkpoint import load_weights
 from tasks.errors import TrainingError
@@ -24,14 +25,7 @@ def blobs(n=600, k=3, dim=4, seed=0) -> Prepared:
     y = torch.randint(0, k, (n,), generator=g)
     x = centers[y] + torch.randn(n, dim, generator=g)
     cut1, cut2 = int(n * 0.7), int(n * 0.85)
-    tensors = {
-        "x_train": x[:cut1],
-        "y_train": y[:cut1],
-        "x_val": x[cut1:cut2],
-        "y_val": y[cut1:cut2],
-        "x_test": x[cut2:],
-        "y_test": y[cut2:],
-    }
+    tensors = split_tensors(x, y, cut1, cut2)
     schema = {
         "task": "classification",
         "binary": False,
