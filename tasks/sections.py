@@ -59,8 +59,11 @@ class Section(BaseModel):
             section = self.SECTION
             shown = ", ".join(f"{section}.{k}={getattr(self, k)!r}" for k in unused)
             uses = ", ".join(f"{section}.{k}" for k in used) or "no other keys"
+            fields = type(self).model_fields
+            defaults = ", ".join(f"{k}={fields[k].get_default(call_default_factory=True)!r}" for k in unused)
             raise ValueError(
-                f"{shown}: not used by {section}.{self.CHOICE}={choice} (it uses {uses}); remove it or choose otherwise"
+                f"{shown}: not used by {section}.{self.CHOICE}={choice} (it uses {uses}); remove it "
+                f"(in a form: its default, {defaults}) or choose otherwise"
             )
         return self
 
