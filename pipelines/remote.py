@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -25,8 +24,7 @@ from pipelines.context import RunContext, store_for
 from pipelines.publish import tensorboard_files
 from tasks import keys, tracking
 from tasks.errors import RemoteTrainingError
-from tasks.ingest import fetch_prepared
-from tasks.prepared import load_schema
+from tasks.ingest import dataset_ref, fetch_prepared
 from tasks.results import DatasetRef, TrainResult
 from tasks.storage import ArtifactStore
 
@@ -37,20 +35,6 @@ log = logging.getLogger("trainyard.remote")
 def handoff_prefix(run_id: str) -> str:
     """Where the step leaves its result in the store: `handoffs/<run-id>`."""
     return f"handoffs/{run_id}"
-
-
-def _fetched_dataset(key: str, folder: Path) -> DatasetRef:
-    """The reference of a prepared dataset fetched from the store (its schema records where it came from)."""
-    schema = load_schema(folder)
-    return DatasetRef(
-        key=key,
-        path=str(folder),
-        content_hash=schema.get("content_hash", ""),
-        source=schema.get("source", ""),
-        task=schema["task"],
-        split_sizes=schema["split_sizes"],
-        reused=True,
-    )
 
 
 @flow(name=TRAIN_STEP_FLOW, validate_parameters=True)
@@ -72,7 +56,7 @@ def train_step_flow(
     work = state / "runs" / run_id  # a rerun of this step on this worker resumes from work/checkpoints
     work.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(run_id, "", work, work / "tensorboard", tracking_uri, storage_uri, state)
-    result = training.train(cfg, ctx, _fetched_dataset(dataset_key, folder))
+    result = training.train(cfg, ctx, dataset_ref(folder, dataset_key, reused=True))
     (work / "result.json").write_text(json.dumps(result.to_dict()), encoding="utf-8")
     files = {"best.pt": result.checkpoint, "result.json": str(work / "result.json"), **tensorboard_files(ctx.tb_dir)}
     store.publish(handoff_prefix(run_id), files)

@@ -18,7 +18,6 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -41,8 +40,7 @@ class BatchPrep:
 
     def __init__(
         self,
-        norm: dict[str, Any] | None,
-        input_ndim: int,
+        normalize: Normalize | None,
         device: torch.device,
         *,
         channels_last: bool = False,
@@ -53,7 +51,7 @@ class BatchPrep:
         self.channels_last = channels_last
         self.shift = shift
         self.generator = generator
-        self.normalize = Normalize(norm, input_ndim, device) if norm else None
+        self.normalize = normalize
 
     def __call__(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         if train and self.shift and x.dim() == 4:
@@ -278,8 +276,8 @@ def make_batches(
     shift = _shift_pixels(train_cfg, train[0])
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(train_cfg.seed + 1)
-    norm = prepared.schema.get("normalize")
-    prep = BatchPrep(norm, train[0].dim() - 1, device, channels_last=channels_last, shift=shift, generator=aug_gen)
+    normalize = Normalize.of(prepared.schema, train[0].dim() - 1, device)
+    prep = BatchPrep(normalize, device, channels_last=channels_last, shift=shift, generator=aug_gen)
     needed = nbytes(*train, *val)
     plan = plan_residency(train_cfg.gpu_resident, device, needed, train_cfg.gpu_memory_share)
     log.info("batches: %s (%s)", "device-resident" if plan.resident else "DataLoader", plan.reason)

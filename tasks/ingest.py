@@ -90,12 +90,18 @@ def ingest(data_cfg: DataConfig, state_root: Path, store: ArtifactStore | None =
         reused = False
     if shared and store.read_manifest(f"datasets/{key}") is None:
         store.publish(f"datasets/{key}", {name: str(folder / name) for name in (TENSORS_FILE, SCHEMA_FILE)})
+    return dataset_ref(folder, key, reused, content_hash=content_hash, source=data_cfg.source)
+
+
+def dataset_ref(folder: Path, key: str, reused: bool, content_hash: str = "", source: str = "") -> DatasetRef:
+    """The reference of the prepared dataset in `folder`: what ingest inferred (task, split sizes) from
+    its schema, and the data's identity as given, else as the schema records it."""
     schema = load_schema(folder)
     return DatasetRef(
         key=key,
         path=str(folder),
-        content_hash=content_hash,
-        source=data_cfg.source,
+        content_hash=content_hash or schema.get("content_hash", ""),
+        source=source or schema.get("source", ""),
         task=schema["task"],
         split_sizes=schema["split_sizes"],
         reused=reused,

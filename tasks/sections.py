@@ -48,22 +48,20 @@ class Section(BaseModel):
             return self
         choice = getattr(self, self.CHOICE)
         used = self.uses(choice)
-        unused = [
-            key
+        defaults = {
+            key: field.get_default(call_default_factory=True)
             for key, field in type(self).model_fields.items()
-            if key != self.CHOICE
-            and key not in used
-            and getattr(self, key) != field.get_default(call_default_factory=True)
-        ]
+            if key != self.CHOICE and key not in used
+        }
+        unused = [key for key, default in defaults.items() if getattr(self, key) != default]
         if unused:
             section = self.SECTION
             shown = ", ".join(f"{section}.{k}={getattr(self, k)!r}" for k in unused)
             uses = ", ".join(f"{section}.{k}" for k in used) or "no other keys"
-            fields = type(self).model_fields
-            defaults = ", ".join(f"{k}={fields[k].get_default(call_default_factory=True)!r}" for k in unused)
+            to_default = ", ".join(f"{k}={defaults[k]!r}" for k in unused)
             raise ValueError(
                 f"{shown}: not used by {section}.{self.CHOICE}={choice} (it uses {uses}); remove it "
-                f"(in a form: its default, {defaults}) or choose otherwise"
+                f"(in a form: its default, {to_default}) or choose otherwise"
             )
         return self
 

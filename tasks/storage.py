@@ -16,11 +16,11 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote, urlparse
 
 from tasks.errors import DataError, StorageError
 from tasks.hashing import sha256_file
 from tasks.store_keys import MANIFEST, check_key
+from tasks.uris import file_path, scheme
 
 __all__ = ["MANIFEST", "ArtifactStore", "LocalStore", "StorageError", "check_key", "open_store"]
 
@@ -117,15 +117,14 @@ class LocalStore:
 
 
 def open_store(uri: str, endpoint_url: str = "", max_attempts: int = 5) -> ArtifactStore:
-    if uri.startswith("file://"):
-        return LocalStore(unquote(urlparse(uri).path))
-    if uri.startswith("s3://"):
+    """The store at `uri`: a folder (a plain path or file://) or s3://bucket/prefix."""
+    kind = scheme(uri)
+    if kind in ("", "file"):
+        return LocalStore(file_path(uri))
+    if kind == "s3":
         from tasks.s3store import S3Store
 
         return S3Store.from_uri(uri, endpoint_url=endpoint_url, max_attempts=max_attempts)
-    if "://" not in uri:
-        return LocalStore(uri)
-    scheme = uri.split("://", 1)[0]
     raise DataError(
-        f"storage.uri {uri!r}: unsupported scheme {scheme}://; use file:///path, a local folder or s3://bucket/prefix"
+        f"storage.uri {uri!r}: unsupported scheme {kind}://; use file:///path, a local folder or s3://bucket/prefix"
     )

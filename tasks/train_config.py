@@ -85,7 +85,8 @@ class TrainSection(Section):
 
     @model_validator(mode="after")
     def _applies(self) -> TrainSection:
-        # Keys that tune a choice left off are refused when set (see Section.refuse_unused).
+        # Keys that tune a switch left off are refused when set away from their default, as
+        # Section._applies does for the keys a choice does not read.
         for key, on, needs in (
             ("compile_mode", self.compile, "train.compile=true"),
             ("shift_pixels", self.augment == "shift", "train.augment=shift"),

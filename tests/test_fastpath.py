@@ -108,7 +108,7 @@ def test_random_shift_moves_images_by_at_most_the_limit():
     assert all(11 <= r <= 15 and 11 <= c <= 15 for r, c in pos)
     assert len(set(pos)) > 5  # different shifts per image
     assert (out.view(64, -1) == 255).sum(1).eq(1).all()  # the pixel moved, nothing duplicated
-    prep = BatchPrep(None, 3, torch.device("cpu"), shift=2, generator=g)
+    prep = BatchPrep(None, torch.device("cpu"), shift=2, generator=g)
     assert torch.equal(prep(x, train=False), x.float())  # no augmentation outside training
 
 
