@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -13,7 +14,20 @@ from tasks.uris import check_file_uri
 SHARED = ("val_fraction", "split_seed")
 USES = {
     "mnist": ("root", "download", "split", "n_train", "limit"),
-    "csv": ("path", "target", "features", "drop", "categorical", "task", "missing", "max_categories", "test_fraction"),
+    "csv": (
+        "path",
+        "format",
+        "delimiter",
+        "encoding",
+        "target",
+        "features",
+        "drop",
+        "categorical",
+        "task",
+        "missing",
+        "max_categories",
+        "test_fraction",
+    ),
 }
 
 
@@ -21,7 +35,26 @@ class DataConfig(Section):
     SECTION, CHOICE = "data", "source"
 
     source: Literal["mnist", "csv"] = Field("mnist", title="Source", description="Where the data comes from.")
-    path: str = Field("", title="CSV path", description="CSV file for source=csv: a local path or a file:// URI.")
+    path: str = Field(
+        "",
+        title="Table path",
+        description="The table for source=csv (a CSV or Parquet file): a local path, file://, s3://, gs://, "
+        "az:// or abfs://, or http(s)://.",
+    )
+    format: Literal["auto", "csv", "parquet"] = Field(
+        "auto",
+        title="File format",
+        description="auto: Parquet for a name ending .parquet or .pq, CSV (plain or compressed) otherwise.",
+    )
+    delimiter: str = Field(
+        "auto",
+        title="CSV delimiter",
+        description="The character between CSV fields; auto: sniffed from the header among , ; tab and |. "
+        "'tab' stands for a tab.",
+    )
+    encoding: str = Field(
+        "utf-8", title="CSV encoding", description="The CSV file's text encoding, e.g. utf-8, latin-1, cp1252."
+    )
     target: str = Field("", title="Target column", description="The CSV column to predict (source=csv).")
     features: list[str] = Field(
         default_factory=list,
@@ -76,6 +109,23 @@ class DataConfig(Section):
                 f"scheme {v.split('://', 1)[0]}:// is not supported; expected a local path or a file:// URI"
             )
         return check_file_uri(v, "data.path")
+
+    @field_validator("delimiter")
+    @classmethod
+    def _delimiter(cls, v: str) -> str:
+        v = "\t" if v == "tab" else v
+        if v != "auto" and (len(v) != 1 or v in ('"', "\n", "\r")):
+            raise ValueError(f"expected auto, tab or one character such as , ; or |; got {v!r}")
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, v: str) -> str:
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown encoding {v!r}; expected a Python codec name such as utf-8 or latin-1") from None
+        return v
 
     @field_validator("target", "features", "drop", "categorical", mode="before")
     @classmethod
