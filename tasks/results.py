@@ -21,6 +21,7 @@ class DatasetRef:
     task: str
     split_sizes: dict[str, int]
     reused: bool
+    uri: str = ""  # where the data was read from (data.path as given; a local path for MNIST)
 
 
 @dataclass
