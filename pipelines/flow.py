@@ -101,6 +101,8 @@ def _summary(
             "content_hash": dataset.content_hash,
             "reused": dataset.reused,
             "path": dataset.path,
+            "uri": dataset.uri,
+            "split_sizes": dataset.split_sizes,
         },
         "artifacts_uri": stored.uri,
         "artifacts": stored.artifact_uris(),

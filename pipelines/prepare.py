@@ -1,7 +1,7 @@
 """The ingest step: the prepared dataset for the config, recorded in the MLflow run.
 
 The data's identity (content hash, cache key) becomes tags, what ingest inferred (task, classes,
-input shape, split sizes) params.
+input shape, split sizes) params, and the data itself the run's MLflow dataset input (tasks/lineage.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ log = logging.getLogger("trainyard.flow")
 
 def ingest_data(cfg: TrainConfig, ctx: RunContext) -> DatasetRef:
     """Prepare (or reuse, or fetch from the shared store) the dataset, and record it in the run."""
-    from tasks import tracking
+    from tasks import lineage, tracking
     from tasks.ingest import ingest
     from tasks.prepared import load_schema
 
@@ -32,5 +32,6 @@ def ingest_data(cfg: TrainConfig, ctx: RunContext) -> DatasetRef:
         **{f"{keys.DATASET_N_PREFIX}{k}": v for k, v in dataset.split_sizes.items()},
     }
     tracking.log_params(ctx.tracking_uri, ctx.run_id, params)
+    lineage.log_dataset(ctx.tracking_uri, ctx.run_id, dataset, schema)
     log.info("task type: %s (%s)", dataset.task, schema.get("task_reason", ""))
     return dataset

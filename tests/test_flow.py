@@ -64,6 +64,19 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home, tmp_path, monkeypatch):
     assert tags["data.hash"] == summary["dataset"]["content_hash"]
     assert tags["prefect.flow_run_id"]
     assert tags["version.torch"].startswith("2.")
+    # the training data as the run's MLflow dataset input: source, content hash, columns, rows per split
+    (data_input,) = run.inputs.dataset_inputs
+    data = data_input.dataset
+    assert data.name == Path(toy_csv).name and data.source_type == "local"
+    assert json.loads(data.source) == {"uri": str(toy_csv)}
+    assert data.digest == summary["dataset"]["content_hash"][:32]
+    input_tags = {t.key: t.value for t in data_input.tags}
+    assert input_tags == {"mlflow.data.context": "training", "trainyard.data.sha256": tags["data.hash"]}
+    columns = {c["name"]: c["type"] for c in json.loads(data.schema)["mlflow_colspec"]}
+    assert columns["label"] == "string" and "id" not in columns and set(columns) > {"label"}
+    data_profile = json.loads(data.profile)
+    assert data_profile["splits"] == summary["dataset"]["split_sizes"]
+    assert data_profile["num_rows"] == sum(data_profile["splits"].values()) + data_profile["rows_dropped"]
     # artifacts in MLflow
     assert run.info.artifact_uri == (state_home / "mlruns" / "trainyard" / run.info.run_id / "artifacts").as_uri()
     assert not any(workdir.iterdir())  # nothing of the run lands where it was started from
@@ -123,6 +136,10 @@ def test_mnist_flow_on_small_idx_files(tmp_path, state_home):
     summary = train_flow(cfg)
     run = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["model.name"] == "cnn"
+    (data_input,) = run.inputs.dataset_inputs
+    assert data_input.dataset.digest == summary["dataset"]["content_hash"][:32]
+    images = json.loads(json.loads(data_input.dataset.schema)["mlflow_tensorspec"]["features"])
+    assert images[0]["tensor-spec"]["shape"] == [-1, 1, 28, 28]
     assert summary["test_metrics"]["test/accuracy"] > 0.9  # the synthetic digits are easy
     cm = Path(state_home / "runs" / summary["mlflow_run_id"] / "eval" / "confusion_matrix.csv").read_text().splitlines()
     assert cm[0].split(",")[1:] == [str(i) for i in range(10)]
