@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.csv_infer import Features, Inferred, Rows
+from tasks.csv_inferred import Features, Inferred, Rows
 from tasks.csv_labels import Labels, encode_labels
 from tasks.csv_standardise import GROUP, SplitRows, Standardiser, pool_array, thread_pool, too_large
 from tasks.data_config import DataConfig
@@ -87,27 +87,42 @@ def _encode_features(path: Path, data_cfg: DataConfig, features: Features, split
     width = len(features.numeric) + sum(len(vocab) for vocab in vocabularies.values())
     tensors = {f"x_{s}": torch.from_numpy(pool_array((idx.size, width))) for s, idx in split.index.items()}
     x = {s: tensors[f"x_{s}"].numpy() for s in split.index}
-    schemas: dict[str, dict[str, Any]] = {}
+    encoded: dict[str, dict[str, Any]] = {}  # a numeric key's statistics, a categorical column's vocabulary
     with thread_pool() as pool:
         standardiser = Standardiser(pool, path, split, x, len(features.numeric))
         for names, col_i in _layout(features, vocabularies):
             if names[0] in features.numeric:
-                schemas.update(standardiser.group(names, col_i, features))
+                encoded.update(standardiser.group(names, col_i, features))
             else:
                 name = names[0]
-                schemas[name] = _one_hot(name, vocabularies[name], texts.pop(name), col_i, split, x)
+                encoded[name] = _one_hot(vocabularies[name], texts.pop(name), col_i, split, x)
     standardiser.release()
-    encoded = EncodedFeatures(tensors=tensors, width=width)
+    out = EncodedFeatures(tensors=tensors, width=width)
     for name in features.names:
-        encoded.schema.append(schemas[name])
-        if schemas[name]["kind"] == "numeric":
-            encoded.names.append(name)
-        else:
-            encoded.names.extend(f"{name}={v}" for v in vocabularies[name])
-    encoded.missing_counts = {f["name"]: f["missing"] for f in encoded.schema if f["missing"]}
-    if encoded.missing_counts and data_cfg.missing == "impute":
-        log.info("imputed missing values: %s", encoded.missing_counts)
-    return encoded
+        entry, columns = _feature_entry(name, features, encoded, vocabularies)
+        out.schema.append(entry)
+        out.names.extend(columns)
+    out.missing_counts = {f["name"]: f["missing"] for f in out.schema if f["missing"]}
+    if out.missing_counts and data_cfg.missing == "impute":
+        log.info("imputed missing values: %s", out.missing_counts)
+    return out
+
+
+def _feature_entry(
+    name: str, features: Features, encoded: dict[str, dict[str, Any]], vocabularies: dict[str, list[str]]
+) -> tuple[dict[str, Any], list[str]]:
+    """A column's schema entry (its kind, the rule that decided it, what redoes its encoding) and the names of
+    its tensor columns."""
+    info = dict(features.kinds[name])
+    kind = info.pop("kind")
+    entry = {"name": name, "kind": kind, **info}
+    if kind == "categorical":
+        return {**entry, **encoded[name]}, [f"{name}={v}" for v in vocabularies[name]]
+    if kind == "date":
+        keys = features.parts[name]
+        entry["parts"] = [{"part": p, "name": k, **encoded[k]} for p, k in zip(info["parts"], keys, strict=True)]
+        return {**entry, "missing": encoded[keys[0]]["missing"]}, keys
+    return {**entry, **encoded[name]}, [name]
 
 
 def _vocabularies(
@@ -130,22 +145,26 @@ def _vocabularies(
 
 
 def _layout(features: Features, vocabularies: dict[str, list[str]]) -> list[tuple[list[str], int]]:
-    """Runs of numeric features (GROUP at most) or a categorical one, each with its first tensor column."""
+    """Runs of numeric tensor columns (GROUP at most; a date's parts are some) or a categorical feature, each
+    with its first tensor column."""
     numeric = features.numeric
     layout: list[tuple[list[str], int]] = []
     col_i = 0
     for name in features.names:
-        if name in numeric and layout and layout[-1][0][-1] in numeric and len(layout[-1][0]) < GROUP:
-            layout[-1][0].append(name)
-        else:
+        if name in features.categorical:
             layout.append(([name], col_i))
-        col_i += 1 if name in numeric else len(vocabularies[name])
+            col_i += len(vocabularies[name])
+            continue
+        for key in features.parts.get(name, [name]):
+            if layout and layout[-1][0][-1] in numeric and len(layout[-1][0]) < GROUP:
+                layout[-1][0].append(key)
+            else:
+                layout.append(([key], col_i))
+            col_i += 1
     return layout
 
 
-def _one_hot(
-    name: str, vocab: list[str], values: np.ndarray, col_i: int, split: SplitRows, x: dict[str, np.ndarray]
-) -> dict[str, Any]:
+def _one_hot(vocab: list[str], values: np.ndarray, col_i: int, split: SplitRows, x: dict[str, np.ndarray]) -> dict:
     """A categorical feature one-hot into tensor columns col_i.., a value outside `vocab` as all zeros."""
     values = values if split.all else values[split.kept]
     n_missing = int((values == MISSING).sum())
@@ -158,8 +177,6 @@ def _one_hot(
         seen = split_codes >= 0
         block[np.flatnonzero(seen), split_codes[seen]] = 1.0
     return {
-        "name": name,
-        "kind": "categorical",
         "encoding": "onehot",
         "vocabulary": vocab,
         "missing": n_missing,
@@ -218,6 +235,7 @@ def _schema(
         "output_size": y.output_size,
         "features": x.schema,
         "feature_names": x.names,
+        "left_out": inferred.features.left_out,
         "target": y.schema,
         "missing_policy": data_cfg.missing,
         "missing_counts": x.missing_counts,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.csv_infer import Rows, Target
+from tasks.csv_inferred import Rows, Target
 from tasks.errors import DataError
 from tasks.splits import distinct_integers
 

@@ -1,10 +1,12 @@
 """Reading a CSV file into the columns an ingest needs, as pandas.read_csv(engine="pyarrow") would hold them.
 
-The file is read with pyarrow and the options pandas passes it, so every column gets the
-type and values it would have in that DataFrame, but no DataFrame of the whole file is
-built: a large plain file is read in pieces of whole lines, and each piece is boiled down
-to the columns the ingest needs (numbers as compact numpy arrays) before the next one is
-read. When the pieces could differ from one read of the file, it is read whole instead.
+The file is read with pyarrow and the options pandas passes it (with data.delimiter and
+data.encoding), so every column gets the type and values it would have in that DataFrame,
+but no DataFrame of the whole file is built: a large plain UTF-8 file is read in pieces of
+whole lines, and each piece is boiled down to the columns the ingest needs (numbers as
+compact numpy arrays) before the next one is read. When the pieces could differ from one
+read of the file, it is read whole instead. A Parquet file (data.format) is read by
+tasks/parquet_read.py into the same Columns, with the types a CSV of the table would get.
 """
 
 from __future__ import annotations
@@ -18,34 +20,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from tasks.csv_file import check_file, decompressed, header_names, read_error
+from tasks.csv_file import (
+    NA_VALUES,
+    Dialect,
+    check_file,
+    decompressed,
+    dialect_of,
+    header_names,
+    looks_like_parquet,
+    read_error,
+    row_position,
+)
 from tasks.data_config import DataConfig
 from tasks.errors import DataError
+from tasks.parquet_read import read_parquet
 
-# pandas' default missing-value strings (pandas._libs.parsers.STR_NA_VALUES), which
-# pandas.read_csv(engine="pyarrow") passes to pyarrow as null_values; the test suite
-# checks that they still match the installed pandas.
-NA_VALUES = (
-    "",
-    "#N/A",
-    "#N/A N/A",
-    "#NA",
-    "-1.#IND",
-    "-1.#QNAN",
-    "-NaN",
-    "-nan",
-    "1.#IND",
-    "1.#QNAN",
-    "<NA>",
-    "N/A",
-    "NA",
-    "NULL",
-    "NaN",
-    "None",
-    "n/a",
-    "nan",
-    "null",
-)
 PIECE_BYTES = 8 << 20  # a plain file larger than this is read in pieces of about this size
 
 _ARROW_INTS = {np.dtype(t): pa.from_numpy_dtype(t) for t in (np.int8, np.int16, np.int32, np.int64)}
@@ -63,12 +52,20 @@ def _convert_options() -> pacsv.ConvertOptions:
     return pacsv.ConvertOptions(null_values=list(NA_VALUES), strings_can_be_null=True)
 
 
-def _read_whole(path: Path) -> pa.Table:
+def _read_options(dialect: Dialect) -> pacsv.ReadOptions | None:
+    """pyarrow transcodes any encoding but UTF-8 to UTF-8 as it reads (text it cannot decode raises)."""
+    return None if dialect.utf8 else pacsv.ReadOptions(encoding=dialect.encoding)
+
+
+def _read_whole(path: Path, dialect: Dialect, where: object = None) -> pa.Table:
     """The whole file in one read, opened as pandas opens it (a compressed file is decompressed)."""
 
-    def read(parse: pacsv.ParseOptions | None = None) -> pa.Table:
+    def read(newlines_in_values: bool = False) -> pa.Table:
+        parse = pacsv.ParseOptions(delimiter=dialect.delimiter, newlines_in_values=newlines_in_values)
         with decompressed(path) as f:
-            table = pacsv.read_csv(f, parse_options=parse, convert_options=_convert_options())
+            table = pacsv.read_csv(
+                f, read_options=_read_options(dialect), parse_options=parse, convert_options=_convert_options()
+            )
         table.column_names  # noqa: B018 - a header that is not UTF-8 fails here
         return table
 
@@ -79,9 +76,9 @@ def _read_whole(path: Path) -> pa.Table:
             # A quoted value spanning lines (valid CSV) across one of pyarrow's 1 MiB blocks fails
             # a plain read: read again with quote-aware block cuts (slower, so only after a failure;
             # a file that is really broken fails again, with the same message).
-            return read(pacsv.ParseOptions(newlines_in_values=True))
+            return read(newlines_in_values=True)
     except Exception as exc:  # noqa: BLE001 - whatever the reader or decompressor raises is the file's fault
-        raise read_error(path, exc) from None
+        raise read_error(path, exc, dialect, where) from None
 
 
 class _Mismatch(Exception):
@@ -140,10 +137,13 @@ class Columns:
     _numpy_part); the target, the columns listed in data.categorical and columns of any other
     type keep their Arrow chunks and become a pandas Series when asked for, the Series
     pandas.read_csv(engine="pyarrow") would have held. Columns nobody needs are not kept.
+    The file's path, its name in messages (`where`) and, for a CSV file, its dialect come along,
+    so checks downstream can name rows and read values as written.
     """
 
-    def __init__(self, data_cfg: DataConfig) -> None:
+    def __init__(self, data_cfg: DataConfig, path: Path, where: object = None, dialect: Dialect | None = None) -> None:
         self.cfg = data_cfg
+        self.path, self.where, self.dialect = path, where or path, dialect
         self.reset()
 
     def reset(self) -> None:
@@ -155,13 +155,13 @@ class Columns:
         self.as_numpy: set[int] = set()
         self.widest: dict[int, np.dtype] = {}  # integer columns so far without a missing value: their widest dtype
 
-    def _plan(self, table: pa.Table) -> None:
-        self.raw_names = table.column_names
+    def plan(self, raw_names: list[str]) -> list[int]:
+        """Name the columns from the header (or schema) and pick the ones to keep: their positions."""
+        self.raw_names = list(raw_names)
         self.names = _pandas_names(self.raw_names)
         needed = {*selected_features(self.cfg, self.names), self.cfg.target}
-        for i, name in enumerate(self.names):
-            if name in needed:
-                self.parts[i] = []
+        self.parts = {i: [] for i, name in enumerate(self.names) if name in needed}
+        return list(self.parts)
 
     def _first_types(self, types: list[pa.DataType]) -> None:
         """The first piece's types: they decide which columns are kept as numpy arrays."""
@@ -176,7 +176,7 @@ class Columns:
 
     def add(self, table: pa.Table) -> None:
         if self.raw_names is None:
-            self._plan(table)
+            self.plan(table.column_names)
         if table.num_rows == 0:  # nothing to keep (and every type of an empty piece is null)
             return
         types = table.schema.types
@@ -206,8 +206,33 @@ class Columns:
             return {}
         return {self.raw_names[i]: _ARROW_INTS[dtype] for i, dtype in self.widest.items()}
 
+    def recast(self, i: int, type_: pa.DataType) -> None:
+        """Give a kept Arrow column another type once every piece is in (see tasks/parquet_read.py)."""
+        self.parts[i] = pa.chunked_array(self.parts[i], type=self.types[i]).cast(type_).chunks
+        self.types[i] = type_
+
     def index(self, name: str) -> int:
         return self.names.index(name)
+
+    def position(self, i: int) -> str:
+        """Data row i (0-based) in words: with its file line in a CSV file, alone in a Parquet file."""
+        return row_position(self.path, i, self.dialect) if self.dialect else f"row {i + 1}"
+
+    def written(self, name: str) -> pd.Series | None:
+        """A CSV column's values as written, as text (missing-value strings as missing), read again with
+        the file's dialect: for checks the parsed numbers cannot answer (an integer beyond 64 bits).
+        None for a Parquet file, whose values are typed as they were written."""
+        if self.dialect is None:
+            return None
+        raw = self.raw_names[self.index(name)]
+        convert = _convert_options()
+        convert.include_columns, convert.column_types = [raw], {raw: pa.string()}
+        parse = pacsv.ParseOptions(delimiter=self.dialect.delimiter, newlines_in_values=True)
+        with decompressed(self.path) as f:
+            table = pacsv.read_csv(
+                f, read_options=_read_options(self.dialect), parse_options=parse, convert_options=convert
+            )
+        return table.column(0).to_pandas()
 
     def forget(self, name: str) -> None:
         """Let go of a column once its values have been taken."""
@@ -247,8 +272,9 @@ class _Pieces:
     whole read reports it with pandas' messages).
     """
 
-    def __init__(self, f: IO[bytes]) -> None:
+    def __init__(self, f: IO[bytes], delimiter: str = ",") -> None:
         self.f = f
+        self.parse = pacsv.ParseOptions(delimiter=delimiter)
         self.buf = bytearray(PIECE_BYTES)
         self.view = memoryview(self.buf)
         self.held = 0  # bytes of an unfinished line, at the start of buf
@@ -281,7 +307,10 @@ class _Pieces:
                 convert.column_types = column_types
             try:
                 table = pacsv.read_csv(
-                    pa.py_buffer(self.view[:cut]), read_options=self.options, convert_options=convert
+                    pa.py_buffer(self.view[:cut]),
+                    read_options=self.options,
+                    parse_options=self.parse,
+                    convert_options=convert,
                 )
                 table.column_names  # noqa: B018 - a header that is not UTF-8 fails here
                 return table
@@ -290,13 +319,13 @@ class _Pieces:
         raise _Mismatch
 
 
-def _read_pieces(path: Path, columns: Columns) -> bool:
-    """Read a plain file piece by piece into `columns`; False when it has to be read whole.
+def _read_pieces(path: Path, columns: Columns, dialect: Dialect) -> bool:
+    """Read a plain UTF-8 file piece by piece into `columns`; False when it has to be read whole.
 
     The next piece is parsed (by pyarrow, without the GIL) while the last one is boiled down.
     """
     with open(path, "rb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-csv-read") as reader:
-        pieces = _Pieces(f)
+        pieces = _Pieces(f, dialect.delimiter)
         try:
             table = pieces.next()
             if table is None:
@@ -312,28 +341,52 @@ def _read_pieces(path: Path, columns: Columns) -> bool:
     return True
 
 
-def read_columns(path: Path, data_cfg: DataConfig) -> Columns:
-    """The columns `data_cfg` needs from the file, read in pieces where the file allows it."""
+def table_format(path: Path, data_cfg: DataConfig, where: object = None) -> str:
+    """data.format, or for `auto` Parquet for a name ending .parquet or .pq (the name shown, when given:
+    a downloaded copy's own name may not tell), CSV otherwise."""
+    if data_cfg.format != "auto":
+        return data_cfg.format
+    return "parquet" if str(where or path).lower().endswith((".parquet", ".pq")) else "csv"
+
+
+def read_columns(path: Path, data_cfg: DataConfig, where: object = None) -> Columns:
+    """The columns `data_cfg` needs from the table at `path` (CSV or Parquet, by data.format).
+
+    `where` is how messages name the file (the URI a local copy was made from); the path by default.
+    """
+    if table_format(path, data_cfg, where) == "parquet":
+        check_file(path, "Parquet file")
+        columns = read_parquet(path, Columns(data_cfg, path, where), where or path)
+    else:
+        columns = _read_csv(path, data_cfg, where or path)
+    pa.default_memory_pool().release_unused()  # the reader's buffers: give them back before the tensors are made
+    return columns
+
+
+def _read_csv(path: Path, data_cfg: DataConfig, where: object) -> Columns:
+    """A CSV file's columns, read in pieces where the file allows it."""
     from pandas.io.common import infer_compression
 
     check_file(path)
     size = path.stat().st_size
     if size == 0:
-        raise DataError(f"CSV file {path} is empty (0 bytes); expected a header line and data rows")
-    columns = Columns(data_cfg)
-    pieces = size > PIECE_BYTES and infer_compression(str(path), "infer") is None
-    if not (pieces and _read_pieces(path, columns)):
+        raise DataError(f"CSV file {where} is empty (0 bytes); expected a header line and data rows")
+    if looks_like_parquet(path):
+        raise DataError(f"CSV file {where} is a Parquet file (it starts and ends with PAR1); set data.format=parquet")
+    dialect = dialect_of(path, data_cfg.delimiter, data_cfg.encoding, where)
+    columns = Columns(data_cfg, path, where, dialect)
+    pieces = size > PIECE_BYTES and dialect.utf8 and infer_compression(str(path), "infer") is None
+    if not (pieces and _read_pieces(path, columns, dialect)):
         columns.reset()
-        columns.add(_read_whole(path))
-    pa.default_memory_pool().release_unused()  # the parser's buffers: give them back before the tensors are made
+        columns.add(_read_whole(path, dialect, where))
     if not columns.names:
-        raise DataError(f"CSV file {path} has no columns; expected a header line and data rows")
-    header = header_names(path)
+        raise DataError(f"CSV file {where} has no columns; expected a header line and data rows")
+    header = header_names(path, dialect)
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
         raise DataError(
-            f"CSV file {path}: duplicate column names {dupes} in the header (line 1); each column needs a unique name"
+            f"CSV file {where}: duplicate column names {dupes} in the header (line 1); each column needs a unique name"
         )
     if columns.n_rows == 0:
-        raise DataError(f"CSV file {path} has a header but no data rows (columns: {', '.join(columns.names)})")
+        raise DataError(f"CSV file {where} has a header but no data rows (columns: {', '.join(columns.names)})")
     return columns

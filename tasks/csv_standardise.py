@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.csv_infer import Features
+from tasks.csv_inferred import Features
 from tasks.errors import DataError
 
 GROUP = 16  # numeric feature columns standardised side by side, then copied into the tensors at once
@@ -67,7 +67,7 @@ class Standardiser:
         self.buffers = {s: pool_array((min(GROUP, n), idx.size)) for s, idx in split.index.items()}
 
     def group(self, names: list[str], col_i: int, features: Features) -> dict[str, dict[str, Any]]:
-        """Features `names` (taken out of `features`) into tensor columns col_i..; their schema entries."""
+        """Numeric columns `names` (taken out of `features.numeric`) into tensor columns col_i..; their statistics."""
         jobs = [
             self.pool.submit(
                 _standardise,
@@ -82,7 +82,7 @@ class Standardiser:
         ]
         schemas = {}
         for name, job in zip(names, jobs, strict=True):  # in feature order: the first refusal is the first column's
-            schemas[name] = {"name": name, "kind": "numeric", **job.result()}
+            schemas[name] = job.result()
         copies = [
             self.pool.submit(_copy_rows, self.x[s], r, col_i, buffer[: len(names)])
             for s, buffer in self.buffers.items()

@@ -206,7 +206,8 @@ def test_csv_path_is_a_folder(tmp_path, state_home, earlier):
 def test_csv_with_a_utf8_bom_is_accepted(tmp_path, state_home):
     path = put(tmp_path, "bom.csv", "\ufefflabel,x,y\n" + "".join(f"{'ab'[i % 2]},{i},{i % 7}\n" for i in range(60)))
     schema = load_prepared(ingest(csv_cfg(path), state_home).path).schema
-    assert schema["target"]["name"] == "label" and [f["name"] for f in schema["features"]] == ["x", "y"]
+    assert schema["target"]["name"] == "label" and [f["name"] for f in schema["features"]] == ["y"]
+    assert [c["name"] for c in schema["left_out"]] == ["x"]  # x counts the rows: an identifier, left out
     assert not any("\ufeff" in name for name in schema["feature_names"])
 
 
@@ -272,7 +273,9 @@ def test_huge_numbers_that_overflow_standardisation(tmp_path, state_home, earlie
 
 def test_huge_regression_target(tmp_path, state_home, earlier):
     path = put(
-        tmp_path, "target.csv", "x,price\n" + "".join(f"{i},{1.5e308 if i % 2 else -1.5e308 + i}\n" for i in range(60))
+        tmp_path,
+        "target.csv",
+        "x,price\n" + "".join(f"{i % 7},{1.5e308 if i % 2 else -1.5e308 + i}\n" for i in range(60)),
     )
     refused(
         state_home,
@@ -321,7 +324,7 @@ def test_number_beyond_float64(tmp_path, state_home, earlier):
 
 
 def test_all_missing_target(tmp_path, state_home, earlier):
-    path = put(tmp_path, "nolabel.csv", "x,label\n" + "".join(f"{i},\n" for i in range(60)))
+    path = put(tmp_path, "nolabel.csv", "x,label\n" + "".join(f"{i % 7},\n" for i in range(60)))
     refused(
         state_home,
         earlier,
