@@ -31,7 +31,7 @@ def unchanged_since_champion(cfg: TrainConfig, state: Path, tracking_uri: str) -
     if champ is None or not code or code.endswith("-dirty"):
         return ""
     tags = MlflowClient(tracking_uri).get_run(champ.run_id).data.tags
-    _key, content_hash = identity(cfg.data, state)
+    _key, content_hash = identity(cfg.data, state, cfg.storage)  # a remote table: one HEAD when cached
     same = (
         tags.get(keys.DATA_HASH) == content_hash
         and tags.get(keys.CONFIG_HASH) == config_hash(cfg)

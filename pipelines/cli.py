@@ -73,7 +73,8 @@ def _deploy_arguments(dep: argparse.ArgumentParser) -> None:
     dep.add_argument("--gpu-slots", type=_positive_int, default=1, help=slots_help)
     image_help = "container image of the flow runs (required by Kubernetes and Docker pools)"
     dep.add_argument("--image", default="", help=image_help)
-    dep.add_argument("--csv-path", default="/data/retrain.csv", help="data.path of the csv-retrain deployment")
+    csv_help = "data.path of the csv-retrain deployment (default: $TRAINYARD_RETRAIN_CSV, else s3://trainyard/data/retrain.csv)"
+    dep.add_argument("--csv-path", default="", help=csv_help)
     dep.add_argument("--csv-target", default="label", help="data.target of the csv-retrain deployment")
     dep.add_argument("--timezone", default="Europe/Berlin", help="timezone of the cron schedules")
 

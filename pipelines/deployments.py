@@ -19,6 +19,9 @@ from pipelines.config import load_config
 
 TIMEZONE = "Europe/Berlin"
 CPU_POOL, GPU_POOL = "cpu", "gpu"
+# The table csv-retrain trains on: an object in the stack's bucket, where operators upload a new version
+# (deploy/README.md). The compose stack names it in TRAINYARD_RETRAIN_CSV, from its MINIO_BUCKET.
+RETRAIN_CSV_ENV, RETRAIN_CSV = "TRAINYARD_RETRAIN_CSV", "s3://trainyard/data/retrain.csv"
 
 
 @dataclass
@@ -50,16 +53,24 @@ def _scheduled(name: str, description: str, cron: str, timezone: str, cfg: dict[
     )
 
 
-def plans(
-    csv_path: str = "/data/retrain.csv", csv_target: str = "label", timezone: str = TIMEZONE, gpu_slots: int = 1
-) -> list[Plan]:
-    """Every deployment: three retrains of the whole flow on the cpu pool, the training step on the gpu pool."""
+def retrain_csv(csv_path: str = "") -> str:
+    """data.path of csv-retrain: as given, else TRAINYARD_RETRAIN_CSV, else the stack's default object."""
+    return csv_path or os.environ.get(RETRAIN_CSV_ENV) or RETRAIN_CSV
+
+
+def plans(csv_path: str = "", csv_target: str = "label", timezone: str = TIMEZONE, gpu_slots: int = 1) -> list[Plan]:
+    """Every deployment: three retrains of the whole flow on the cpu pool, the training step on the gpu pool.
+
+    csv-retrain reads `csv_path` (see retrain_csv) when it runs: a run whose object has not changed since
+    the champion was trained skips, one after an upload trains on the new version.
+    """
+    csv_path = retrain_csv(csv_path)
     mnist = load_config("mnist", env={}).model_dump(mode="json")
     csv_overrides = [f"data.path={csv_path}", f"data.target={csv_target}"]
     csv = load_config("csv", overrides=csv_overrides, env={}).model_dump(mode="json")
     nightly_text, weekly_text = (
         "Retrain the MNIST preset every night at 02:00.",
-        "Retrain on the CSV every Monday at 03:30.",
+        f"Retrain on {csv_path} every Monday at 03:30 (skipped while it is unchanged).",
     )
     nightly = _scheduled("nightly-mnist", nightly_text, "0 2 * * *", timezone, mnist, "mnist")
     weekly = _scheduled("csv-retrain", weekly_text, "30 3 * * 1", timezone, csv, "csv")

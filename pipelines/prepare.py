@@ -22,7 +22,7 @@ def ingest_data(cfg: TrainConfig, ctx: RunContext) -> DatasetRef:
     from tasks.ingest import ingest
     from tasks.prepared import load_schema
 
-    dataset = ingest(cfg.data, ctx.state, store=store_for(cfg, ctx.storage_uri))
+    dataset = ingest(cfg.data, ctx.state, store=store_for(cfg, ctx.storage_uri), storage=cfg.storage)
     tracking.set_tags(ctx.tracking_uri, ctx.run_id, {keys.DATA_HASH: dataset.content_hash, keys.DATA_KEY: dataset.key})
     schema = load_schema(dataset.path)
     params = {

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from tasks.sections import Section, column_names
-from tasks.uris import check_file_uri
+from tasks.sections import Section, column_names, no_credentials
+from tasks.uris import check_data_uri
 
 # The keys each source reads besides these shared ones; a key set for the other source is refused.
 SHARED = ("val_fraction", "split_seed")
@@ -103,12 +103,14 @@ class DataConfig(Section):
 
     @field_validator("path")
     @classmethod
-    def _local_path(cls, v: str) -> str:
-        if "://" in v and not v.startswith("file://"):
-            raise ValueError(
-                f"scheme {v.split('://', 1)[0]}:// is not supported; expected a local path or a file:// URI"
-            )
-        return check_file_uri(v, "data.path")
+    def _path_or_uri(cls, v: str) -> str:
+        # Refused here, before a run starts; whether the object is there and gs/az's extra is installed is
+        # ingest's to find out (the worker that reads it may have what the machine submitting it lacks).
+        return no_credentials(
+            check_data_uri(v, "data.path"),
+            "data.path",
+            "AWS_* (s3), GOOGLE_APPLICATION_CREDENTIALS (gs) or AZURE_STORAGE_* (az)",
+        )
 
     @field_validator("delimiter")
     @classmethod

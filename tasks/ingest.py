@@ -20,6 +20,7 @@ from tasks.ingest_csv import ingest_csv
 from tasks.ingest_mnist import ingest_mnist
 from tasks.prepared import SCHEMA_FILE, TENSORS_FILE, Prepared, dataset_dir, is_complete, load_schema, save_prepared
 from tasks.results import DatasetRef
+from tasks.storage_config import StorageConfig
 
 if TYPE_CHECKING:
     from tasks.storage import ArtifactStore
@@ -27,15 +28,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("trainyard.ingest")
 
 
-def _plan(data_cfg: DataConfig, state_root: Path) -> tuple[str, str, Callable[[], Prepared]]:
+def _plan(
+    data_cfg: DataConfig, state_root: Path, storage: StorageConfig | None = None
+) -> tuple[str, str, Callable[[], Prepared]]:
     """(cache key, content hash, builder) from the configured source's planner."""
-    planner = ingest_csv if data_cfg.source == "csv" else ingest_mnist
-    return planner(data_cfg, Path(state_root))
+    if data_cfg.source == "csv":
+        return ingest_csv(data_cfg, Path(state_root), storage)
+    return ingest_mnist(data_cfg, Path(state_root))
 
 
-def identity(data_cfg: DataConfig, state_root: Path) -> tuple[str, str]:
-    """(cache key, content hash) of the configured data, without building anything."""
-    key, content_hash, _ = _plan(data_cfg, state_root)
+def source_uri(data_cfg: DataConfig) -> str:
+    """Where the data is read from, as the config gives it: data.path for a table, the MNIST folder."""
+    return data_cfg.path if data_cfg.source == "csv" else data_cfg.root
+
+
+def identity(data_cfg: DataConfig, state_root: Path, storage: StorageConfig | None = None) -> tuple[str, str]:
+    """(cache key, content hash) of the configured data, without building anything.
+
+    A remote table is downloaded into the source cache when its identity is new (its bytes' sha256 is
+    the content hash); when the cached copy is current this costs one metadata request.
+    """
+    key, content_hash, _ = _plan(data_cfg, state_root, storage)
     return key, content_hash
 
 
@@ -67,13 +80,19 @@ def _fetch(store: ArtifactStore, key: str, folder: Path) -> bool:
     return True
 
 
-def ingest(data_cfg: DataConfig, state_root: Path, store: ArtifactStore | None = None) -> DatasetRef:
+def ingest(
+    data_cfg: DataConfig,
+    state_root: Path,
+    store: ArtifactStore | None = None,
+    storage: StorageConfig | None = None,
+) -> DatasetRef:
     """Prepare the dataset that `data_cfg` describes under `state_root/datasets/<key>/`.
 
     With a remote artifact `store` (S3), a dataset another machine prepared is fetched
     from `datasets/<key>/` instead of being built again, and one built here is shared there.
+    `storage` (the storage section) gives a table on s3:// the store's endpoint and attempts.
     """
-    key, content_hash, build = _plan(data_cfg, state_root)
+    key, content_hash, build = _plan(data_cfg, state_root, storage)
     folder = dataset_dir(Path(state_root), key)
     shared = store is not None and store.remote
     if is_complete(folder):
@@ -90,12 +109,14 @@ def ingest(data_cfg: DataConfig, state_root: Path, store: ArtifactStore | None =
         reused = False
     if shared and store.read_manifest(f"datasets/{key}") is None:
         store.publish(f"datasets/{key}", {name: str(folder / name) for name in (TENSORS_FILE, SCHEMA_FILE)})
-    return dataset_ref(folder, key, reused, content_hash=content_hash, source=data_cfg.source)
+    return dataset_ref(folder, key, reused, content_hash=content_hash, source=data_cfg.source, uri=source_uri(data_cfg))
 
 
-def dataset_ref(folder: Path, key: str, reused: bool, content_hash: str = "", source: str = "") -> DatasetRef:
+def dataset_ref(
+    folder: Path, key: str, reused: bool, content_hash: str = "", source: str = "", uri: str = ""
+) -> DatasetRef:
     """The reference of the prepared dataset in `folder`: what ingest inferred (task, split sizes) from
-    its schema, and the data's identity as given, else as the schema records it."""
+    its schema, and the data's identity as given (else as the schema records it) and origin as given."""
     schema = load_schema(folder)
     return DatasetRef(
         key=key,
@@ -105,4 +126,5 @@ def dataset_ref(folder: Path, key: str, reused: bool, content_hash: str = "", so
         task=schema["task"],
         split_sizes=schema["split_sizes"],
         reused=reused,
+        uri=uri,
     )

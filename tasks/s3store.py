@@ -18,6 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from tasks import s3_settings
 from tasks.errors import StorageError
 from tasks.hashing import sha256_file
 from tasks.store_keys import MANIFEST, check_key
@@ -85,13 +86,8 @@ class S3Store:
 
         self.bucket, self.prefix = bucket, prefix
         self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
-        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-        config = Config(
-            retries={"max_attempts": max_attempts, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=60,
-            s3={"addressing_style": "path"} if self.endpoint_url else None,
-        )
+        self.endpoint_url = s3_settings.endpoint_url(endpoint_url)
+        config = Config(**s3_settings.client_settings(self.endpoint_url, max_attempts))
         self.client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
 
     @classmethod

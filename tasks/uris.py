@@ -1,9 +1,14 @@
-"""`file://` URIs, parsed in one place: the config checks them, ingest and the stores open them."""
+"""URIs parsed in one place: `file://` (the config checks it, ingest and the stores open it) and the
+schemes a data source may be read from (the config refuses any other before a run starts)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+# The schemes fsspec reads a table from besides a local path; gs and az/abfs need an optional extra.
+REMOTE_SCHEMES = ("s3", "gs", "az", "abfs", "http", "https")
+DATA_SCHEMES = ("file", *REMOTE_SCHEMES)
 
 
 def check_file_uri(uri: str, where: str) -> str:
@@ -16,6 +21,29 @@ def check_file_uri(uri: str, where: str) -> str:
                 f"{parts.netloc!r} would be read as a host name. For a relative path drop the file:// prefix"
             )
     return uri
+
+
+def check_data_uri(uri: str, where: str) -> str:
+    """A local path, file:///path, or a remote object named by its scheme, its bucket or host, and a name in it."""
+    kind = scheme(uri)
+    if kind not in ("", *DATA_SCHEMES):
+        raise ValueError(f"{where} {uri!r}: scheme {kind}:// is not supported; expected {supported_schemes()}")
+    if kind in REMOTE_SCHEMES:
+        parts = urlsplit(uri)
+        if not parts.netloc or not parts.path.strip("/"):
+            holder = {"http": "host", "https": "host", "az": "container", "abfs": "container"}.get(kind, "bucket")
+            raise ValueError(f"{where} {uri!r}: expected {kind}://<{holder}>/<name of the file>")
+    return check_file_uri(uri, where)
+
+
+def supported_schemes() -> str:
+    """The accepted forms of a data path, for messages."""
+    return "a local path, " + ", ".join(f"{s}://" for s in DATA_SCHEMES[:-1]) + f" or {DATA_SCHEMES[-1]}://"
+
+
+def is_remote(uri: str) -> bool:
+    """True for a URI that names an object elsewhere (read through fsspec), False for a local file."""
+    return scheme(uri) in REMOTE_SCHEMES
 
 
 def file_path(uri: str) -> Path:

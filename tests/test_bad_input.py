@@ -150,10 +150,10 @@ def test_milestones_out_of_order():
 def test_data_path_with_an_unsupported_scheme():
     config_refused(
         "data.path",
-        "scheme gs:// is not supported",
-        "expected a local path or a file:// URI",
+        "scheme ftp:// is not supported",
+        "expected a local path, file://, s3://, gs://, az://, abfs://, http:// or https://",
         preset="csv",
-        overrides=["data.path=gs://bucket/x.csv", "data.target=y"],
+        overrides=["data.path=ftp://host/x.csv", "data.target=y"],
     )
 
 

@@ -635,6 +635,33 @@ def test_compose_services_are_wired(compose):
     assert s["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
 
 
+def test_csv_retrain_reads_an_object_in_the_stacks_bucket(compose, monkeypatch):
+    """csv-retrain trains on s3://$MINIO_BUCKET/data/retrain.csv through the artifact store's endpoint,
+    as registered by the deploy command of deploy/README.md run inside a worker."""
+    from pipelines.deployments import RETRAIN_CSV, RETRAIN_CSV_ENV, plans
+
+    def csv_path(**kwargs) -> str:
+        (plan,) = [p for p in plans(**kwargs) if p.name == "csv-retrain"]
+        assert plan.cron and plan.pool == "cpu"
+        return plan.parameters["cfg"]["data"]["path"]
+
+    env = filled_env()
+    for svc in ("cpu-worker", "gpu-worker"):
+        wenv = interpolate(compose["services"][svc]["environment"], env)
+        assert wenv[RETRAIN_CSV_ENV] == f"s3://{env['MINIO_BUCKET']}/data/retrain.csv" == RETRAIN_CSV
+        assert wenv["TRAINYARD_STORAGE_URI"].startswith(f"s3://{env['MINIO_BUCKET']}/")  # the same bucket
+        assert wenv["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    other = interpolate(compose["services"]["cpu-worker"]["environment"], {**env, "MINIO_BUCKET": "ml-data"})
+    assert other[RETRAIN_CSV_ENV] == "s3://ml-data/data/retrain.csv"
+    monkeypatch.setenv(RETRAIN_CSV_ENV, other[RETRAIN_CSV_ENV])
+    assert csv_path() == "s3://ml-data/data/retrain.csv"
+    assert csv_path(csv_path="s3://elsewhere/t.csv") == "s3://elsewhere/t.csv"
+    monkeypatch.delenv(RETRAIN_CSV_ENV)
+    assert csv_path() == RETRAIN_CSV
+    guide = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert f'--csv-path "${RETRAIN_CSV_ENV}"' in guide and "/var/lib/trainyard/data/retrain.csv" not in guide
+
+
 def test_compose_database_urls_use_installed_drivers(compose):
     """The SQLAlchemy dialects named in the URLs load with the packages trainyard installs."""
     from sqlalchemy.dialects import registry
@@ -711,6 +738,7 @@ def test_minio_init_creates_private_bucket_and_scoped_user(tmp_path):
     policy = json.loads((tmp_path / "mc" / "trainyard-rw.json").read_text())
     resources = {r for st in policy["Statement"] for r in st["Resource"]}
     assert resources == {"arn:aws:s3:::trainyard", "arn:aws:s3:::trainyard/*"}
+    assert "s3://trainyard/data/retrain.csv" in proc.stdout  # where csv-retrain's table goes
     # Run again with the policy attached: nothing is attached twice.
     log.unlink()
     proc = subprocess.run(

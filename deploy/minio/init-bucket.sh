@@ -4,7 +4,8 @@
 #   - the bucket $MINIO_BUCKET, private (no anonymous access);
 #   - the policy trainyard-rw: read and write in that bucket only;
 #   - the user $TRAINYARD_S3_ACCESS_KEY with that policy, used by MLflow and the workers
-#     instead of the root credentials.
+#     instead of the root credentials; the workers read the csv-retrain table,
+#     s3://$MINIO_BUCKET/data/retrain.csv, with it too (GetObject on the bucket's objects).
 set -eu
 
 : "${MINIO_ROOT_USER:?MINIO_ROOT_USER is not set}"
@@ -42,3 +43,4 @@ case "$(mc admin user info stack "$TRAINYARD_S3_ACCESS_KEY")" in
     *) mc admin policy attach stack trainyard-rw --user "$TRAINYARD_S3_ACCESS_KEY" ;;
 esac
 echo "init-bucket: bucket $MINIO_BUCKET ready for $TRAINYARD_S3_ACCESS_KEY"
+echo "init-bucket: the csv-retrain deployment reads s3://$MINIO_BUCKET/data/retrain.csv; upload it there"
