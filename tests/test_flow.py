@@ -208,7 +208,7 @@ def test_cli_json_prints_one_object(toy_csv, capsys, state_home):
     assert code == 0
     summary = json.loads(out)
     assert set(summary) == SUMMARY_KEYS  # scripts read these: the same keys, no more, no fewer
-    assert set(summary["dataset"]) == {"key", "content_hash", "reused", "path"}
+    assert set(summary["dataset"]) == {"key", "content_hash", "reused", "path", "uri", "split_sizes"}
     assert set(summary["champion"]) >= {"promoted", "reason", "version", "metric"}
     assert summary["test_metrics"]["test/accuracy"] > 0.5
 
