@@ -29,6 +29,7 @@ MODELS = {
         "models.cnn:build_cnn",
         (*_HEAD, "channels", "kernel_size", "batch_norm", "kernel_sizes", "padding", "pool", "conv_dropout"),
     ),
+    "tabular": ModelSpec("models.tabular:build_tabular", (*_HEAD, "members", "embedding_dim", "frequency_scale")),
 }
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "leaky_relu", "silu", "elu")
 
@@ -37,10 +38,11 @@ class ModelConfig(Section):
     SECTION, CHOICE = "model", "name"
 
     name: Literal[tuple(MODELS)] = Field("mlp", title="Model", description="Architecture from the model registry.")
-    hidden: list[int] = Field(
+    hidden: list[int] | Literal["auto"] = Field(
         default_factory=lambda: [128, 64],
         title="Hidden sizes",
-        description="Hidden layer widths (mlp; the cnn's head).",
+        description="Hidden layer widths (mlp, tabular; the cnn's head); auto: two layers sized from the "
+        "input columns (a power of two from 2x the columns, within 128..512), the same wherever the model is built.",
     )
     activation: Literal[ACTIVATIONS] = Field("relu", title="Activation", description="Activation between layers.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, title="Dropout", description="Dropout probability after hidden layers.")
@@ -63,11 +65,34 @@ class ModelConfig(Section):
     conv_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, title="Conv dropout", description="Dropout after the conv stack, before the head (cnn)."
     )
+    members: int = Field(
+        8,
+        ge=1,
+        le=64,
+        title="Ensemble members",
+        description="tabular: members of the one-network ensemble (TabM-mini): own input scaling and head each, "
+        "shared layers; their outputs are averaged.",
+    )
+    embedding_dim: int = Field(
+        8,
+        ge=0,
+        le=64,
+        title="Numeric embedding size",
+        description="tabular: size of each numeric column's periodic embedding; 0: the clipped value itself.",
+    )
+    frequency_scale: float = Field(
+        0.1,
+        gt=0.0,
+        le=100.0,
+        title="Embedding frequency scale",
+        description="tabular: spread of the periodic embeddings' initial frequencies (cycles per standard "
+        "deviation of the column).",
+    )
 
     @field_validator("hidden", "channels", "kernel_sizes")
     @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if any(n < 1 for n in v):
+    def _positive(cls, v: list[int] | str) -> list[int] | str:
+        if v != "auto" and any(n < 1 for n in v):
             raise ValueError(f"every size must be a positive integer, got {v}")
         return v
 

@@ -60,15 +60,16 @@ def withdraw_artifacts(cfg: TrainConfig, ctx: RunContext) -> None:
 
 
 def log_reports(
-    cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, evaluation: Evaluation, stored: StoredUnit
+    cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, evaluation: Evaluation, stored: StoredUnit, step: int
 ) -> None:
-    """Test metrics and the confusion matrix to MLflow and TensorBoard; reports, config and schema to MLflow."""
+    """Test metrics and the confusion matrix to MLflow and TensorBoard at `step` (the last epoch trained:
+    train.min_steps and early stopping make it differ from train.epochs); reports, config and schema to MLflow."""
     config_path = ctx.run_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
     with trackers(cfg, ctx) as tracker:
-        tracker.log_metrics(evaluation.metrics, step=cfg.train.epochs)
+        tracker.log_metrics(evaluation.metrics, step=step)
         if CONFUSION_PNG in evaluation.files:
-            tracker.log_image(keys.CONFUSION_MATRIX_IMAGE, evaluation.files[CONFUSION_PNG], step=cfg.train.epochs)
+            tracker.log_image(keys.CONFUSION_MATRIX_IMAGE, evaluation.files[CONFUSION_PNG], step=step)
     reports = {role: path for role, path in evaluation.files.items() if role != CONFUSION_PNG}
     tracking.log_artifacts(ctx.tracking_uri, ctx.run_id, reports, artifact_path="evaluation")
     extra = {"config": str(config_path), "schema": str(Path(dataset.path) / SCHEMA_FILE)}
@@ -88,7 +89,8 @@ def publish(
     champion gate."""
     from pipelines import champion_gate
 
-    log_reports(cfg, ctx, dataset, evaluation, stored)
+    last_epoch = result.history[-1]["epoch"] if result.history else cfg.train.epochs
+    log_reports(cfg, ctx, dataset, evaluation, stored, int(last_epoch))
     if not cfg.tracking.log_model:
         return Published()
     return champion_gate.register(cfg, ctx, dataset, result, evaluation)

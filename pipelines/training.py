@@ -75,7 +75,15 @@ def train(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult
             resume_from=resume_from,
             on_checkpoint=_uploader(ctx, shared),
         )
-    tags = {keys.TRAIN_DEVICE: result.device, keys.TRAIN_PRECISION: result.precision}
+    tags = {
+        keys.TRAIN_DEVICE: result.device,
+        keys.TRAIN_PRECISION: result.precision,
+        keys.TRAIN_EPOCHS_PLANNED: result.epochs,
+        keys.TRAIN_EPOCHS_RUN: int(result.history[-1]["epoch"]) if result.history else 0,
+        keys.TRAIN_BATCH_SIZE: result.batch_size,
+    }
+    if result.stopped:
+        tags[keys.TRAIN_STOPPED_EARLY] = result.stopped
     tracking.set_tags(ctx.tracking_uri, ctx.run_id, tags)
     return result
 

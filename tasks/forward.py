@@ -20,6 +20,16 @@ def shape_output(out: torch.Tensor, schema: dict[str, Any]) -> torch.Tensor:
     return out.squeeze(-1) if schema["output_size"] == 1 else out
 
 
+def fit_loss(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor, schema: dict[str, Any]) -> torch.Tensor:
+    """The training loss of a batch's outputs, in float32. A model that imitates an ensemble returns
+    [batch, members, outputs] in training (models/tabular.py): every member is fitted to the target, and
+    the loss is the members' mean, so that they stay diverse rather than only their average fitting."""
+    if out.dim() == 3:
+        members = out.shape[1]
+        out, y = out.flatten(0, 1), y.repeat_interleave(members)
+    return loss_fn(shape_output(out, schema).float(), y)
+
+
 def batch_loss(
     forward: Callable[[torch.Tensor], torch.Tensor],
     loss_fn: nn.Module,
@@ -33,8 +43,8 @@ def batch_loss(
     """One batch's training loss: the forward pass under autocast, the loss in float32 (`cache=False`
     for a step recorded into a CUDA graph)."""
     with autocast_ctx(device, precision, cache=cache):
-        out = shape_output(forward(x), schema)
-    return loss_fn(out.float(), y)
+        out = forward(x)
+    return fit_loss(loss_fn, out, y, schema)
 
 
 @dataclass

@@ -25,6 +25,10 @@ DATA_KEY = "data.key"
 RESUMED_FROM_EPOCH = "train.resumed_from_epoch"
 TRAIN_DEVICE = "train.device"
 TRAIN_PRECISION = "train.precision"
+TRAIN_EPOCHS_PLANNED = "train.epochs_planned"  # train.epochs raised for train.min_steps
+TRAIN_EPOCHS_RUN = "train.epochs_run"  # fewer when early stopping ended the run
+TRAIN_BATCH_SIZE = "train.batch_size_used"  # what train.batch_size=auto chose
+TRAIN_STOPPED_EARLY = "train.stopped_early"  # the reason, when early stopping ended the run
 TRAIN_DEPLOYMENT = "train.deployment"
 TRAIN_FLOW_RUN_ID = "train.flow_run_id"
 ARTIFACTS_URI = "artifacts.uri"

@@ -36,6 +36,9 @@ class TrainResult:
     precision: str
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    epochs: int = 0  # the epochs planned: train.epochs, or more for train.min_steps
+    batch_size: int = 0  # train.batch_size, or the size `auto` chose
+    stopped: str = ""  # why early stopping ended the run before `epochs`; "" when it did not
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

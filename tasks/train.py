@@ -31,6 +31,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from tasks.batching import Batches, make_batches
+from tasks.budget import batch_size_for, epochs_for, stop_reason
 from tasks.checkpoint import (
     atomic_save,
     best_payload,
@@ -40,7 +41,7 @@ from tasks.checkpoint import (
     resume_payload,
 )
 from tasks.errors import TrainingError
-from tasks.forward import batch_loss, evaluate_split, shape_output, val_metric
+from tasks.forward import batch_loss, evaluate_split, fit_loss, val_metric
 from tasks.graphstep import GraphedStep
 from tasks.keys import LR, TRAIN_LOSS, VAL_ACCURACY, VAL_LOSS
 from tasks.optim_config import OptimConfig, ScheduleConfig
@@ -49,6 +50,7 @@ from tasks.prepared import Prepared
 from tasks.results import TrainResult
 from tasks.runtime import pick_device, pick_precision, place_model, seed_everything
 from tasks.train_config import TrainSection, cuda_graph_refusal
+from tasks.train_log import log_epoch, log_start, log_stop
 
 # TrainResult is re-exported: callers of train_model find its result type beside it.
 __all__ = ["EpochCallback", "Run", "TrainResult", "setup", "train_epoch", "train_model", "validate"]
@@ -85,6 +87,8 @@ class Run:
     best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     first_epoch: int = 1
+    epochs: int = 1  # train.epochs, or more for train.min_steps
+    batch_size: int = 1  # train.batch_size, or the one auto chose
 
     def __post_init__(self) -> None:
         self.best = -math.inf if self.maximize else math.inf
@@ -114,7 +118,7 @@ def _cudagraph_step_marker(train_cfg: TrainSection, device: torch.device) -> Cal
     return lambda: None
 
 
-def _graphed_step(run: Run, train_cfg: TrainSection) -> GraphedStep | None:
+def _graphed_step(run: Run, train_cfg: TrainSection) -> GraphedStep | None:  # train_cfg with the batch size
     """The CUDA-graph step of train.cuda_graph, or None where it does not apply (not on CUDA)."""
     if not train_cfg.cuda_graph:
         return None
@@ -126,7 +130,7 @@ def _graphed_step(run: Run, train_cfg: TrainSection) -> GraphedStep | None:
     )
     log.info("train.cuda_graph: the training step is recorded once as a CUDA graph and replayed per batch")
     params = run.model.parameters()
-    return GraphedStep(params, compute_loss, run.optimizer, run.device, train_cfg.batch_size, train_cfg.grad_clip)
+    return GraphedStep(params, compute_loss, run.optimizer, run.device, run.batch_size, train_cfg.grad_clip)
 
 
 def _resume(run: Run, path: str | os.PathLike) -> None:
@@ -159,7 +163,10 @@ def setup(
     precision = pick_precision(train_cfg.precision, device)
     model, channels_last = place_model(model_cfg, schema, device)
     forward = _compiled(model, train_cfg) if train_cfg.compile else model
-    source = make_batches(prepared, train_cfg, device, channels_last=channels_last)
+    batch_size = batch_size_for(train_cfg, int(prepared.tensors["y_train"].shape[0]))
+    sized = train_cfg.model_copy(update={"batch_size": batch_size})  # what the batches and a CUDA graph read
+    source = make_batches(prepared, sized, device, channels_last=channels_last)
+    epochs = epochs_for(train_cfg, len(source.train))
     classification = schema["task"] == "classification"
     optimizer = build_optimizer(model.parameters(), optim_cfg, device)
     run = Run(
@@ -173,15 +180,17 @@ def setup(
         loss_fn=loss_for(schema, train_cfg.label_smoothing if classification else 0.0),
         eval_loss_fn=loss_for(schema),
         optimizer=optimizer,
-        schedule=build_scheduler(optimizer, sched_cfg, optim_cfg, train_cfg.epochs, len(source.train), classification),
+        schedule=build_scheduler(optimizer, sched_cfg, optim_cfg, epochs, len(source.train), classification),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         fingerprint=fingerprint(model_cfg, optim_cfg, sched_cfg, train_cfg, schema.get("key", "")),
         maximize=classification,
         mark_step=_cudagraph_step_marker(train_cfg, device),
+        epochs=epochs,
+        batch_size=batch_size,
     )
     if resume_from is not None:
         _resume(run, resume_from)
-    run.graphed = _graphed_step(run, train_cfg)  # after the resume: it moves the loaded learning rates
+    run.graphed = _graphed_step(run, sized)  # after the resume: it moves the loaded learning rates
     return run
 
 
@@ -203,7 +212,7 @@ def _eager_step(run: Run, x: torch.Tensor, y: torch.Tensor, grad_clip: float) ->
 
         def closure() -> torch.Tensor:
             run.optimizer.zero_grad(set_to_none=True)
-            loss = run.loss_fn(shape_output(run.forward(x), run.schema).float(), y)
+            loss = fit_loss(run.loss_fn, run.forward(x), y, run.schema)
             loss.backward()
             return loss
 
@@ -245,7 +254,7 @@ def _graphed_epoch(graphed: GraphedStep, batches, schedule: Schedule) -> tuple[f
 def train_epoch(run: Run, epoch: int, train_cfg: TrainSection, lr_setting: float) -> float:
     """One pass over the training batches; the mean training loss, refused when not finite."""
     run.model.train()
-    batches, bar = _progress(run.source.train, epoch, train_cfg.epochs, train_cfg.progress)
+    batches, bar = _progress(run.source.train, epoch, run.epochs, train_cfg.progress)
     if run.graphed is not None:
         train_loss, bad_step, steps = _graphed_epoch(run.graphed, batches, run.schedule)
     else:
@@ -300,34 +309,7 @@ def _save_resume(run: Run, epoch: int, metrics: dict[str, float], path: Path) ->
     atomic_save(payload, path)
 
 
-def _log_start(run: Run, prepared: Prepared, model_name: str, epochs: int) -> None:
-    train_rows, val_rows = (prepared.tensors[f"y_{split}"].shape[0] for split in ("train", "val"))
-    log.info(
-        "training %s on %s (%s) for %d epochs: %d train / %d val rows",
-        model_name,
-        run.device,
-        run.precision,
-        epochs,
-        train_rows,
-        val_rows,
-    )
-
-
-def _log_epoch(epoch: int, epochs: int, metrics: dict[str, float], name: str, mark: str) -> None:
-    log.info(
-        "epoch %d/%d  train/loss %.4f  val/loss %.4f  %s %.4f  lr %.3g%s",
-        epoch,
-        epochs,
-        metrics[TRAIN_LOSS],
-        metrics[VAL_LOSS],
-        name,
-        metrics[name],
-        metrics[LR],
-        mark,
-    )
-
-
-def _result(run: Run, best_path: Path, seconds: float) -> TrainResult:
+def _result(run: Run, best_path: Path, seconds: float, patience: int) -> TrainResult:
     if run.graphed is not None:
         replays, eager = run.graphed.replays, run.graphed.eager_steps
         log.info("train.cuda_graph: %d steps replayed from the graph, %d eager", replays, eager)
@@ -340,7 +322,16 @@ def _result(run: Run, best_path: Path, seconds: float) -> TrainResult:
         precision=run.precision,
         seconds=seconds,
         history=run.history,
+        epochs=run.epochs,
+        batch_size=run.batch_size,
+        stopped=_stopped(run, patience),
     )
+
+
+def _stopped(run: Run, patience: int) -> str:
+    """Why early stopping ended the run before its last planned epoch; "" when it ran them all."""
+    last = int(run.history[-1]["epoch"]) if run.history else 0
+    return stop_reason(last, run.best_epoch, patience, run.monitor) if last < run.epochs else ""
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
@@ -365,10 +356,15 @@ def train_model(
     """
     run = setup(prepared, model_cfg, optim_cfg, sched_cfg, train_cfg, resume_from)
     best_path, last_path = Path(out_dir) / "best.pt", Path(out_dir) / "last.pt"
-    epochs, keep_last, every = train_cfg.epochs, train_cfg.keep == "last", train_cfg.checkpoint_every
-    _log_start(run, prepared, model_cfg.name, epochs)
+    epochs, keep_last, every = run.epochs, train_cfg.keep == "last", train_cfg.checkpoint_every
+    patience = train_cfg.early_stopping
+    log_start(run, prepared, model_cfg.name, train_cfg)
     start = time.perf_counter()
-    for epoch in range(run.first_epoch, epochs + 1):
+    # a run resumed from the checkpoint of its early stop has nothing left to train
+    done = stop_reason(run.first_epoch - 1, run.best_epoch, patience, run.monitor) if run.first_epoch > 1 else ""
+    if done:
+        log_stop(run, run.first_epoch - 1, done)
+    for epoch in range(run.first_epoch, epochs + 1 if not done else run.first_epoch):
         epoch_start = time.perf_counter()
         lr = float(run.optimizer.param_groups[0]["lr"])  # a device tensor with train.cuda_graph
         train_loss = train_epoch(run, epoch, train_cfg, optim_cfg.lr)
@@ -379,13 +375,17 @@ def train_model(
         improved = epoch == epochs if keep_last else run.improves(value)
         if improved:
             _keep(run, epoch, value, model_cfg, best_path)
-        if (every and epoch % every == 0) or epoch == epochs:
+        stop = stop_reason(epoch, run.best_epoch, patience, run.monitor)
+        if (every and epoch % every == 0) or epoch == epochs or stop:
             _save_resume(run, epoch, metrics, last_path)
             if on_checkpoint is not None:
                 on_checkpoint(last_path)
         # wall time of the epoch (steps, validation, checkpoint); the reads above synchronised the device
         run.history.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - epoch_start})
-        _log_epoch(epoch, epochs, metrics, name, ("  (kept)" if keep_last else "  (best)") if improved else "")
+        log_epoch(epoch, epochs, metrics, name, ("  (kept)" if keep_last else "  (best)") if improved else "")
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-    return _result(run, best_path, time.perf_counter() - start)
+        if stop:
+            log_stop(run, epoch, stop)
+            break
+    return _result(run, best_path, time.perf_counter() - start, patience)

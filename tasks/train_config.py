@@ -13,11 +13,44 @@ if TYPE_CHECKING:
     from tasks.optim_config import OptimConfig, ScheduleConfig
 
 
+MAX_EPOCHS = 10_000
+
+
 class TrainSection(Section):
     SECTION = "train"
 
-    epochs: int = Field(5, ge=1, le=10_000, title="Epochs", description="Passes over the training split.")
-    batch_size: int = Field(64, ge=1, le=1_000_000, title="Batch size", description="Training batch size.")
+    epochs: int = Field(
+        5,
+        ge=1,
+        le=MAX_EPOCHS,
+        title="Epochs",
+        description="Passes over the training split (the least number when train.min_steps asks for more).",
+    )
+    min_steps: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        title="Least optimizer steps",
+        description="The run trains for at least this many optimizer steps: when train.epochs times the batches "
+        "per epoch falls short (a small table), it trains for as many more whole epochs as reach it. Schedules "
+        "(cosine, onecycle, lambda) see that epoch count. 0: train.epochs as set. A preset's value does not "
+        "follow a train.epochs you set.",
+    )
+    batch_size: int | Literal["auto"] = Field(
+        64,
+        title="Batch size",
+        description="Training batch size; auto: sized from the training rows (about rows/32, a power of two "
+        "from 32 to 256), decided when training starts and logged then.",
+    )
+    early_stopping: int = Field(
+        0,
+        ge=0,
+        le=MAX_EPOCHS,
+        title="Early stopping patience",
+        description="Stop after this many epochs without improvement of the validation metric (val/accuracy, "
+        "val/loss for regression); the best epoch's weights are kept. 0: off. Needs train.keep=best. A preset's "
+        "value does not follow a train.epochs you set.",
+    )
     eval_batch_size: int = Field(1024, ge=1, title="Eval batch size", description="Batch size for val/test.")
     num_workers: int = Field(0, ge=0, le=64, title="Loader workers", description="DataLoader worker processes.")
     shuffle: bool = Field(True, title="Shuffle", description="Shuffle the training split every epoch.")
@@ -77,6 +110,13 @@ class TrainSection(Section):
         description="best: the epoch with the best validation metric; last: the final epoch (e.g. with onecycle).",
     )
 
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, v: int | str) -> int | str:
+        if v != "auto" and not 1 <= v <= 1_000_000:
+            raise ValueError(f"expected auto or a batch size from 1 to 1,000,000, got {v}")
+        return v
+
     @field_validator("gpu_resident", mode="before")
     @classmethod
     def _yaml_on_off(cls, v: Any) -> Any:
@@ -91,6 +131,7 @@ class TrainSection(Section):
             ("compile_mode", self.compile, "train.compile=true"),
             ("shift_pixels", self.augment == "shift", "train.augment=shift"),
             ("gpu_memory_share", self.gpu_resident != "off", "train.gpu_resident auto or on"),
+            ("early_stopping", self.keep == "best", "train.keep=best"),
         ):
             default = type(self).model_fields[key].default
             if not on and getattr(self, key) != default:

@@ -64,6 +64,9 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home, tmp_path, monkeypatch):
     assert tags["data.hash"] == summary["dataset"]["content_hash"]
     assert tags["prefect.flow_run_id"]
     assert tags["version.torch"].startswith("2.")
+    # how it trained: the epochs planned and run, the batch size the preset's auto chose
+    assert (tags["train.epochs_planned"], tags["train.epochs_run"]) == ("10", "10")
+    assert int(tags["train.batch_size_used"]) in (32, 64, 128, 256) and "train.stopped_early" not in tags
     # the training data as the run's MLflow dataset input: source, content hash, columns, rows per split
     (data_input,) = run.inputs.dataset_inputs
     data = data_input.dataset

@@ -34,9 +34,9 @@ def test_mlp_options_are_applied():
 
 
 def test_unknown_model_lists_valid_ones():
-    with pytest.raises(ModelError, match="unknown model 'resnet'; valid models: cnn, linear, mlp"):
+    with pytest.raises(ModelError, match="unknown model 'resnet'; valid models: cnn, linear, mlp, tabular"):
         build_model("resnet", {"input_shape": [3], "output_size": 2}, ModelConfig())
-    assert available() == ["cnn", "linear", "mlp"]
+    assert available() == ["cnn", "linear", "mlp", "tabular"]
 
 
 def test_cnn_on_a_table_is_refused():
