@@ -36,11 +36,13 @@ def numeric_columns(schema: dict[str, Any] | None, width: int) -> list[int]:
         return list(range(width))
     columns, col = [], 0
     for feature in schema["features"]:
-        if feature["kind"] == "numeric":
-            columns.append(col)
-            col += 1
-        else:
+        if feature["kind"] == "categorical":  # one-hot columns pass through
             col += len(feature["vocabulary"])
+            continue
+        # a number or a boolean is one standardised column, a date one per part (year, month, ...)
+        n = len(feature["parts"]) if feature["kind"] == "date" else 1
+        columns.extend(range(col, col + n))
+        col += n
     return columns
 
 

@@ -105,3 +105,34 @@ def test_its_keys_are_refused_for_other_models(key):
 def test_cnn_keys_are_refused_for_it():
     with pytest.raises(ConfigError, match=r"model.channels=\[8\]: not used by model.name=tabular"):
         load_config("csv", overrides=["data.path=t.csv", "data.target=y", "model.name=tabular", "model.channels=[8]"])
+
+
+def test_numeric_columns_of_a_table_with_booleans_dates_and_text(tmp_path):
+    """Booleans and the parts of a date are standardised numbers too; one-hot columns are not."""
+    import numpy as np
+    import pandas as pd
+
+    from pipelines.config import DataConfig
+    from tasks.ingest_csv import build_csv
+
+    rng = np.random.default_rng(0)
+    n = 120
+    frame = pd.DataFrame(
+        {
+            "colour": rng.choice(["red", "blue"], n),
+            "size": rng.normal(size=n),
+            "member": rng.choice(["yes", "no"], n),
+            "day": pd.Timestamp("2021-01-01") + pd.to_timedelta(rng.integers(0, 700, n), unit="D"),
+            "label": rng.choice(["a", "b"], n),
+        }
+    )
+    path = tmp_path / "t.csv"
+    frame.to_csv(path, index=False)
+    prepared = build_csv(DataConfig(source="csv", path=str(path), target="label"), path, "hash")
+    names = prepared.schema["feature_names"]
+    expected = [i for i, name in enumerate(names) if not name.startswith("colour=")]
+    assert [f["kind"] for f in prepared.schema["features"]] == ["categorical", "numeric", "boolean", "date"]
+    assert numeric_columns(prepared.schema, len(names)) == expected and len(expected) == 2 + 4
+    model = build_model("tabular", prepared.schema, CFG)
+    model.eval()
+    assert model(prepared.tensors["x_test"]).shape == (prepared.tensors["x_test"].shape[0], 1)
