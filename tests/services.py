@@ -63,6 +63,32 @@ class S3Endpoint:
 
 
 @contextmanager
+def s3_endpoint(*buckets: str):
+    """A started S3Endpoint with `buckets`, the fake keys in the environment and AWS_ENDPOINT_URL unset
+    meanwhile (the environment as it was afterwards)."""
+    import boto3
+
+    names = (*FAKE_KEYS, "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(FAKE_KEYS, AWS_DEFAULT_REGION="us-east-1")
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    endpoint = S3Endpoint()
+    endpoint.start()
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint.url)
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        endpoint.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
 def postgres_database(prefix: str = "trainyard_test"):
     """A fresh database, dropped afterwards."""
     import psycopg

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from pipelines.config import load_config
 from tasks.storage import StorageError
 from tests.conftest import crash_training_once
-from tests.services import FAKE_KEYS, S3Endpoint, free_port, mlflow_server, postgres_database, wait_http
+from tests.services import FAKE_KEYS, free_port, mlflow_server, postgres_database, s3_endpoint, wait_http
 
 pytestmark = [pytest.mark.service, pytest.mark.usefixtures("prefect_harness")]
 BUCKET, MLFLOW_BUCKET = "trainyard-artifacts", "mlflow-artifacts"
@@ -26,20 +26,8 @@ BUCKET, MLFLOW_BUCKET = "trainyard-artifacts", "mlflow-artifacts"
 
 @pytest.fixture(scope="module")
 def s3():
-    saved = {k: os.environ.get(k) for k in (*FAKE_KEYS, "AWS_DEFAULT_REGION")}
-    os.environ.update(FAKE_KEYS, AWS_DEFAULT_REGION="us-east-1")
-    endpoint = S3Endpoint()
-    endpoint.start()
-    client = boto3.client("s3", endpoint_url=endpoint.url)
-    client.create_bucket(Bucket=BUCKET)
-    client.create_bucket(Bucket=MLFLOW_BUCKET)
-    yield endpoint
-    endpoint.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3_endpoint(BUCKET, MLFLOW_BUCKET) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")

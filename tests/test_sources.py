@@ -24,7 +24,7 @@ from tasks.ingest import identity, ingest
 from tasks.prepared import load_prepared
 from tasks.sources import META, fetch_source
 from tests.conftest import REPO, cli_env, separable_frame, train_argv
-from tests.services import FAKE_KEYS, S3Endpoint, free_port, wait_http
+from tests.services import FAKE_KEYS, free_port, s3_endpoint, wait_http
 
 BUCKET = "trainyard-sources"
 SETTINGS = ("data.target=label", "data.drop=[id]")
@@ -32,19 +32,8 @@ SETTINGS = ("data.target=label", "data.drop=[id]")
 
 @pytest.fixture(scope="module")
 def s3():
-    saved = {k: os.environ.get(k) for k in (*FAKE_KEYS, "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-    os.environ.update(FAKE_KEYS, AWS_DEFAULT_REGION="us-east-1")
-    os.environ.pop("AWS_ENDPOINT_URL", None)
-    endpoint = S3Endpoint()
-    endpoint.start()
-    boto3.client("s3", endpoint_url=endpoint.url).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    endpoint.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3_endpoint(BUCKET) as endpoint:
+        yield endpoint
 
 
 class CountingHandler(http.server.SimpleHTTPRequestHandler):
