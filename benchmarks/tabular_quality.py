@@ -152,7 +152,7 @@ def others_running() -> str:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if re.search(r"python|pytest", cmd) and int(pid) != os.getpid():
+        if re.search(r"python|pytest", cmd) and int(pid) not in (os.getpid(), os.getppid()):  # not this run
             procs.append(cmd[:80])
     return f"load average {load}; other python processes: {len(procs)}" + (
         f" ({'; '.join(procs[:6])})" if procs else ""
