@@ -80,7 +80,7 @@ class Run:
     schedule: Schedule
     scaler: torch.amp.GradScaler
     fingerprint: str
-    maximize: bool  # the validation metric: accuracy (classification) or the loss
+    maximize: bool  # the monitored metric: accuracy (classification, train.monitor=auto) or the loss
     mark_step: Callable[[], None] = lambda: None
     graphed: GraphedStep | None = None
     best: float = field(init=False)  # the monitored metric's best value so far
@@ -168,6 +168,7 @@ def setup(
     source = make_batches(prepared, sized, device, channels_last=channels_last)
     epochs = epochs_for(train_cfg, len(source.train))
     classification = schema["task"] == "classification"
+    maximize = classification and train_cfg.monitor == "auto"  # accuracy; else the loss, minimised
     optimizer = build_optimizer(model.parameters(), optim_cfg, device)
     run = Run(
         schema=schema,
@@ -180,10 +181,10 @@ def setup(
         loss_fn=loss_for(schema, train_cfg.label_smoothing if classification else 0.0),
         eval_loss_fn=loss_for(schema),
         optimizer=optimizer,
-        schedule=build_scheduler(optimizer, sched_cfg, optim_cfg, epochs, len(source.train), classification),
+        schedule=build_scheduler(optimizer, sched_cfg, optim_cfg, epochs, len(source.train), maximize),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
         fingerprint=fingerprint(model_cfg, optim_cfg, sched_cfg, train_cfg, schema.get("key", "")),
-        maximize=classification,
+        maximize=maximize,
         mark_step=_cudagraph_step_marker(train_cfg, device),
         epochs=epochs,
         batch_size=batch_size,
@@ -371,6 +372,7 @@ def train_model(
         val_loss, name, value = validate(run, epoch, optim_cfg.lr)
         metrics = {TRAIN_LOSS: train_loss, VAL_LOSS: val_loss, LR: lr}
         metrics[name] = value  # regression monitors val/loss itself
+        value = value if run.maximize else val_loss  # the monitored metric (train.monitor)
         run.schedule.step_epoch(value)
         improved = epoch == epochs if keep_last else run.improves(value)
         if improved:

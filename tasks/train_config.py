@@ -109,6 +109,13 @@ class TrainSection(Section):
         title="Checkpoint kept",
         description="best: the epoch with the best validation metric; last: the final epoch (e.g. with onecycle).",
     )
+    monitor: Literal["auto", "loss"] = Field(
+        "auto",
+        title="Validation metric",
+        description="What picks the best epoch, drives early stopping and the plateau schedule: auto: val/accuracy "
+        "for classification, val/loss for regression; loss: val/loss for both (smoother than the accuracy of a "
+        "small validation split).",
+    )
 
     @field_validator("batch_size")
     @classmethod

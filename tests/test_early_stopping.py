@@ -156,3 +156,23 @@ def test_an_explicit_epoch_count_is_trained_as_given():
     assert (mine.epochs, mine.min_steps, mine.early_stopping) == (3, 0, 0)
     both = load_config("csv", overrides=[*data, "train.epochs=3", "train.early_stopping=2"], env={}).train
     assert (both.epochs, both.min_steps, both.early_stopping) == (3, 0, 2)
+
+
+def test_monitor_loss_picks_the_epoch_of_the_lowest_validation_loss(tmp_path, monkeypatch):
+    """train.monitor=loss: a classification run keeps the epoch of its lowest val/loss and stops after it,
+    whatever the (still logged) accuracy says."""
+    losses = [0.9, 0.5, 0.6, 0.4, 0.45, 0.5, 0.55, 0.3]  # lowest at epoch 4, then 3 epochs without a lower one
+    real = train_module.validate
+
+    def validate(run, epoch, lr_setting):
+        _, name, _ = real(run, epoch, lr_setting)
+        return losses[epoch - 1], name, SCRIPT[epoch - 1]  # accuracy would pick epoch 6 or later
+
+    monkeypatch.setattr(train_module, "validate", validate)
+    cfg = TrainSection(epochs=len(losses), batch_size=64, early_stopping=3, monitor="loss", device="cpu", seed=1)
+    result = train_model(blobs(n=300), MODEL, OPTIM, SCHEDULE, cfg, tmp_path / "run")
+    assert result.monitor == "val/loss" and result.best_epoch == 4 and math.isclose(result.best_metric, 0.4)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6, 7]
+    assert [h["val/accuracy"] for h in result.history] == SCRIPT[:7]  # the accuracy is still recorded
+    auto = train_model(blobs(n=300), MODEL, OPTIM, SCHEDULE, cfg.model_copy(update={"monitor": "auto"}), tmp_path / "a")
+    assert auto.monitor == "val/accuracy" and auto.best_epoch != 4
