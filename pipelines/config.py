@@ -104,14 +104,18 @@ def _mnist() -> dict[str, Any]:
 def _csv() -> dict[str, Any]:
     """An MLP sized from the table: its width from the input columns, batches from the training rows, and
     at least 1,500 optimizer steps (a 150-row table trains for some 300 epochs of 4 batches, where 20 epochs
-    gave it 20 steps in all). The best epoch by the validation metric is kept; a run stops after 20 epochs
-    without improvement, by when the plateau schedule has cut the learning rate at least 64-fold.
-    Measured against scikit-learn on public tables by benchmarks/tabular_quality.py."""
+    gave it 20 steps in all), the learning rate annealed (cosine) over them. The best epoch by the validation
+    metric is kept; a run stops after 20 epochs without improvement.
+
+    Measured against scikit-learn on public tables by benchmarks/tabular_quality.py (3 split seeds, 2026-12-01):
+    cosine with weight decay 0.01 met the target on 5 of 10 tables, where the plateau schedule (factor 0.5,
+    patience 2) with weight decay 1e-4 met it on 4 and trailed further on the others (economics R^2 0.939
+    against 0.961); val/loss as the monitor (train.monitor=loss) met it on 4."""
     return {
         "data": {"source": "csv"},
         "model": {"name": "mlp", "hidden": "auto", "dropout": 0.1},
-        "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 1e-4},
-        "schedule": {"name": "plateau", "factor": 0.5, "patience": 2},
+        "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
+        "schedule": {"name": "cosine"},
         "train": {"epochs": 20, "batch_size": "auto", "min_steps": 1500, "early_stopping": 20},
     }
 

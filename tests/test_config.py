@@ -14,7 +14,7 @@ def test_presets_load_and_differ():
     mnist = load_config("mnist")
     csv = load_config("csv", overrides=["data.path=x.csv", "data.target=y"])
     assert mnist.data.source == "mnist" and mnist.model.name == "cnn"
-    assert csv.data.source == "csv" and csv.model.name == "mlp" and csv.schedule.name == "plateau"
+    assert csv.data.source == "csv" and csv.model.name == "mlp" and csv.schedule.name == "cosine"
 
 
 def test_yaml_file_then_overrides(tmp_path):
@@ -203,10 +203,10 @@ def test_a_value_the_users_choice_does_not_read_is_refused_but_a_presets_is_drop
     assert load_config("csv", overrides=[*base, "optim.name=rprop"]).optim.weight_decay == 0.0
     with pytest.raises(ConfigError, match=r"optim.weight_decay=0.001: rprop has no weight decay; set it to 0"):
         load_config("csv", overrides=[*base, "optim.name=rprop", "optim.weight_decay=1e-3"])
-    # the schedule's keys of the preset's plateau do not follow to cosine; set for cosine, they are refused
-    assert load_config("csv", overrides=[*base, "schedule.name=cosine"]).schedule.factor == 0.1
-    with pytest.raises(ConfigError, match=r"schedule.patience=5: not used by schedule.name=cosine"):
-        load_config("csv", overrides=[*base, "schedule.name=cosine", "schedule.patience=5"])
+    # the keys of the mnist preset's step schedule do not follow to cosine; set for cosine, they are refused
+    assert load_config("mnist", overrides=["schedule.name=cosine"]).schedule.gamma == 0.1
+    with pytest.raises(ConfigError, match=r"schedule.gamma=0.5: not used by schedule.name=cosine"):
+        load_config("mnist", overrides=["schedule.name=cosine", "schedule.gamma=0.5"])
     with pytest.raises(ConfigError, match=r"data.limit=5: not used by data.source=csv"):
         load_config("csv", overrides=[*base, "data.limit=5"])
     with pytest.raises(ConfigError, match=r"train.shift_pixels=3 applies with train.augment=shift only"):
