@@ -135,8 +135,11 @@ def test_the_ui_form_schema(stack):
     ):
         for name, prop in defs[section]["properties"].items():
             assert prop.get("title") and prop.get("description"), f"{section}.{name} lacks a title or description"
-            assert "anyOf" not in prop or name == "kwargs", f"{section}.{name} renders as an Optional toggle"
-    assert defs["ModelConfig"]["properties"]["name"]["enum"] == ["linear", "mlp", "cnn"]
+            # a nullable field renders as an Optional toggle; a choice of a value or `auto` (batch_size,
+            # hidden) is a union without null
+            nullable = any(branch.get("type") == "null" for branch in prop.get("anyOf", []))
+            assert not nullable or name == "kwargs", f"{section}.{name} renders as an Optional toggle"
+    assert defs["ModelConfig"]["properties"]["name"]["enum"] == ["linear", "mlp", "cnn", "tabular"]
     assert "adamw" in defs["OptimConfig"]["properties"]["name"]["enum"]
     assert "onecycle" in defs["ScheduleConfig"]["properties"]["name"]["enum"]
     assert defs["TrainSection"]["properties"]["device"]["enum"] == ["auto", "cpu", "cuda", "mps"]
