@@ -151,7 +151,7 @@ def _encoding_hint(byte: int) -> str:
 
 
 def _not_text(where: object, encoding: str, position: str, byte: int | None) -> DataError:
-    if codecs.lookup(encoding).name != "utf-8":
+    if not Dialect(encoding=encoding).utf8:
         return DataError(
             f"CSV file {where} is not valid {encoding} text ({position}); set data.encoding to the file's "
             f"encoding, or save it as UTF-8"

@@ -49,17 +49,21 @@ def columns_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def profile(schema: dict[str, Any], dataset: DatasetRef) -> dict[str, Any]:
-    """Rows read, dropped and per split; for a table each column's kind and the rule that gave it."""
-    out: dict[str, Any] = {"num_rows": schema.get("rows_read", sum(dataset.split_sizes.values()))}
-    out["rows_dropped"] = schema.get("rows_dropped", 0)
-    out["splits"] = dict(dataset.split_sizes)
-    out["task"] = dataset.task
+    """Rows read, dropped and per split; for a table each column's kind, the columns left out (with why) and
+    the target (the rule behind each kind is in the run's schema.json)."""
+    out: dict[str, Any] = {
+        "num_rows": schema.get("rows_read", sum(dataset.split_sizes.values())),
+        "rows_dropped": schema.get("rows_dropped", 0),
+        "splits": dict(dataset.split_sizes),
+        "task": dataset.task,
+    }
     kinds = {f["name"]: f.get("kind", "") for f in schema.get("features", [])}
     if kinds:
         out["columns"] = kinds
-    for key in ("left_out", "target"):
-        if key in schema:
-            out[key] = schema[key] if key == "left_out" else schema[key].get("name")
+    if "left_out" in schema:
+        out["left_out"] = schema["left_out"]
+    if "target" in schema:
+        out["target"] = schema["target"].get("name")
     return out
 
 
