@@ -11,12 +11,11 @@ from pathlib import Path
 
 from pipelines.config import ConfigError, TrainConfig
 from pipelines.context import RunContext
-from pipelines.provenance import code_version, config_hash, versions
+from pipelines.provenance import code_version, config_hash
 from tasks import champion, keys
 from tasks.results import DatasetRef, Evaluation, Published, TrainResult
 
 log = logging.getLogger("trainyard.flow")
-MODEL_REQUIREMENTS = ("torch", "torchvision")  # pinned in the logged model's requirements
 
 
 def unchanged_since_champion(cfg: TrainConfig, state: Path, tracking_uri: str) -> str:
@@ -66,25 +65,12 @@ def check_champion_metric(cfg: TrainConfig, dataset: DatasetRef) -> None:
 def register(
     cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, result: TrainResult, evaluation: Evaluation
 ) -> Published:
-    """Log the kept weights as an MLflow model, register a version, and let the champion gate decide."""
-    import numpy as np
+    """Log the run's model (a pyfunc taking raw rows: pipelines/model_logging.py), register a version, and let
+    the champion gate decide."""
+    from pipelines import model_logging
 
-    from models import build_model
-    from pipelines import startup
-    from tasks import tracking
-    from tasks.checkpoint import load_weights
-    from tasks.data import features
-    from tasks.prepared import load_prepared
-
-    prepared = load_prepared(dataset.path)
-    model = build_model(cfg.model.name, prepared.schema, cfg.model)
-    model.load_state_dict(load_weights(result.checkpoint)["model_state"])
-    example = features(prepared, "test")[:2].numpy().astype(np.float32)
-    reqs = [f"{k}=={v}" for k, v in versions().items() if k in MODEL_REQUIREMENTS]
     model_name = cfg.tracking.model_name()
-    info = tracking.log_torch_model(
-        ctx.tracking_uri, ctx.run_id, model, example, reqs, model_name, logging_context=startup.model_logging
-    )
+    info = model_logging.log_model(cfg, ctx, dataset, result)
     metric, higher = champion.champion_metric(evaluation.task, cfg.tracking.champion_metric)
     decision = champion.decide(
         ctx.tracking_uri,

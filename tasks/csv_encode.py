@@ -26,7 +26,8 @@ from tasks.prepared import Prepared
 from tasks.splits import split_indices
 
 log = logging.getLogger("trainyard.ingest")
-MISSING = "<missing>"
+MISSING = "<missing>"  # a categorical value that is missing, as its vocabulary holds it
+EXAMPLE_ROWS = 5
 
 
 @dataclass
@@ -190,7 +191,7 @@ def _one_hot(vocab: list[str], values: np.ndarray, col_i: int, split: SplitRows,
 def _encode_target(path: Path, inferred: Inferred, labels: Labels, split: SplitRows) -> EncodedTarget:
     """The y tensors: class codes (float32 0/1 for two classes), or the standardised numbers for regression."""
     y_all, target = labels.values, inferred.target.name
-    schema: dict[str, Any] = {"name": target}
+    schema: dict[str, Any] = {"name": target, "dtype": str(inferred.target.column.dtype)}  # the labels' type
     if inferred.target.task == "classification":
         n_classes = len(labels.names)
         y_tensor = torch.from_numpy(y_all)
@@ -209,6 +210,13 @@ def _encode_target(path: Path, inferred: Inferred, labels: Labels, split: SplitR
         output_size, n_classes = 1, 0
     tensors = {f"y_{s}": y_tensor.index_select(0, torch.from_numpy(idx)) for s, idx in split.index.items()}
     return EncodedTarget(tensors, schema, n_classes, output_size, labels.names)
+
+
+def _first_rows(rows: np.ndarray) -> list[int]:
+    """The file's first EXAMPLE_ROWS rows in the training split: the registered model's input example,
+    read from the top of the file (pipelines/model_logging.py)."""
+    k = min(EXAMPLE_ROWS, rows.size)
+    return sorted(int(i) for i in (np.partition(rows, k - 1)[:k] if k else rows))
 
 
 def _schema(
@@ -242,5 +250,6 @@ def _schema(
         "rows_read": rows.n_read,
         "rows_dropped": rows.dropped,
         "split_sizes": {s: int(idx.size) for s, idx in split.index.items()},
+        "example_rows": _first_rows(split.file_rows["train"]),
         "normalize": None,
     }

@@ -67,6 +67,7 @@ def column_kinds(path: Path, data_cfg: DataConfig, data: Columns, names: list[st
                 f"CSV file {path}: column {name!r} holds dates, whose part {clash[0]!r} has the name of another "
                 f"column; expected distinct names (rename one, or drop one with data.drop)"
             )
+        column.extra["raw_type"] = _raw_type(type_, taken)  # the model's input type (tasks/rowcodec.py)
         features.add(name, column)
     if not features.names:
         raise DataError(
@@ -74,6 +75,14 @@ def column_kinds(path: Path, data_cfg: DataConfig, data: Columns, names: list[st
             f"identifiers and were left out; list the ones to use in data.features"
         )
     return features
+
+
+def _raw_type(type_: pa.DataType, taken: Any) -> str:
+    """The column's type as one read of the whole file gives it: a column of numbers read in pieces is float
+    when any piece is (an integer piece first, a float one later)."""
+    if isinstance(taken, list):
+        return "double" if any(part.dtype.kind == "f" for part in taken) else "int64"
+    return str(type_)
 
 
 def _column(

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -318,13 +318,16 @@ def _is_unreachable(exc: BaseException) -> bool:
 
 
 def configure_mlflow_client(env: dict | None = None) -> None:
-    """Bound MLflow's own HTTP retries (by default about two minutes per call), so buffering takes over."""
+    """Bound MLflow's own HTTP retries (by default about two minutes per call), so buffering takes over; and
+    keep MLflow's progress bars off the log."""
     import os
 
     env = os.environ if env is None else env
     env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     env.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # no progress bars of MLflow's downloads (its model check loads the model it logs) among the run's log lines
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @contextlib.contextmanager
@@ -361,40 +364,3 @@ def _restore_environment(saved: dict[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-def log_torch_model(
-    tracking_uri: str,
-    run_id: str,
-    model,
-    input_example,
-    pip_requirements: list[str],
-    registered_model_name: str = "",
-    logging_context: Callable[[str], contextlib.AbstractContextManager] = fluent_uris,
-) -> dict[str, str]:
-    """Log the model (torch.export `pt2` format, with a signature inferred from the example) and register it.
-
-    The logging runs inside `logging_context(tracking_uri)`, which points MLflow's fluent API at the
-    run's server and back (by default `fluent_uris`, public API only).
-    """
-    import mlflow
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
-
-    model = model.cpu().eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(input_example)).numpy()
-    signature = infer_signature(input_example, output)
-    with logging_context(tracking_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=input_example,
-            pip_requirements=pip_requirements,
-            serialization_format="pt2",
-            registered_model_name=registered_model_name or None,
-        )
-    version = getattr(info, "registered_model_version", None)
-    return {"model_uri": info.model_uri, "version": str(version) if version is not None else ""}

@@ -93,16 +93,17 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home, tmp_path, monkeypatch):
         "evaluation/metrics.json",
     } <= evaluation
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/confusion_matrix.png"]
-    # the logged model loads and predicts with its signature's shape
-    import mlflow.pytorch
-    import torch
+    # the registered model takes the CSV's raw rows and answers in the label's own classes
+    import mlflow.pyfunc
 
     from tasks.tracking import fluent_uris
 
     with fluent_uris(summary["tracking_uri"]):  # a reader points MLflow at the run's store, as a user would
-        model = mlflow.pytorch.load_model(summary["mlflow_model_uri"])
-    width = json.loads(Path(summary["dataset"]["path"], "schema.json").read_text())["input_shape"][0]
-    assert model(torch.zeros(3, width)).shape == (3, 1)
+        model = mlflow.pyfunc.load_model(summary["mlflow_model_uri"])
+    raw = pd.read_csv(toy_csv).head(3)
+    predicted = model.predict(raw.drop(columns=["label"]))
+    assert list(predicted.columns) == ["prediction", "probability_no", "probability_yes"]
+    assert set(predicted["prediction"]) <= {"yes", "no"} and len(predicted) == 3
     # TensorBoard: same scalars, the learning rate and the confusion matrix image
     acc = tb_events(Path(summary["tensorboard_dir"]))
     scalars = acc.Tags()["scalars"]
@@ -116,6 +117,8 @@ def test_csv_flow_lands_everywhere(toy_csv, state_home, tmp_path, monkeypatch):
         path = Path(urlparse(uri).path)
         assert f"/trainyard/{run.info.run_id}/" in uri
         assert hashlib.sha256(path.read_bytes()).hexdigest() == summary["artifact_sha256"][name]
+    import torch
+
     state = torch.load(Path(urlparse(summary["artifacts"]["model_state.pt"]).path), weights_only=True)
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
 
