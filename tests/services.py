@@ -1,5 +1,5 @@
 """Real service processes on 127.0.0.1 for the service tests: an S3 endpoint (moto's
-standalone server), a PostgreSQL database of our own, and `mlflow server`."""
+standalone server), a PostgreSQL database of our own, `mlflow server` and `mlflow models serve`."""
 
 from __future__ import annotations
 
@@ -129,6 +129,25 @@ def mlflow_server(backend_uri: str, artifacts_destination: str, s3_endpoint: str
         try:
             wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
             yield f"http://127.0.0.1:{port}", proc
+        finally:
+            stop_group(proc)
+
+
+@contextmanager
+def model_server(model_uri: str, tracking_uri: str, log_path: Path, workers: int = 1):
+    """`mlflow models serve` of `model_uri` in this environment (--env-manager local) on 127.0.0.1; yields its URL."""
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # MLflow starts `uvicorn` by name: this environment's, as activated
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    exe = shutil.which("mlflow", path=bin_dir) or "mlflow"
+    cmd = [exe, "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [*cmd, "--workers", str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{port}/ping", timeout=180, proc=proc)
+            yield f"http://127.0.0.1:{port}"
         finally:
             stop_group(proc)
 
