@@ -18,11 +18,13 @@ INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The command line: train, runs, champion, promote, deploy, config."""
+    """The command line: train, predict, runs, champion, promote, deploy, config."""
     parser = argparse.ArgumentParser(prog="trainyard", description="Batch training pipelines for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     _train_arguments(sub.add_parser("train", help="run the training flow once", formatter_class=fmt))
+    predict_help = "score a table with a registered model into a CSV or Parquet file"
+    _predict_arguments(sub.add_parser("predict", help=predict_help, formatter_class=fmt))
     runs = sub.add_parser(
         "runs", help="table of the latest runs of an experiment, champion marked", formatter_class=fmt
     )
@@ -64,6 +66,26 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
 
 
+def _predict_arguments(pred: argparse.ArgumentParser) -> None:
+    """The options of `trainyard predict` (their defaults: PredictConfig's)."""
+    from tasks.predict_config import PredictConfig
+
+    fields = PredictConfig.model_fields
+    pred.add_argument("--model", default=fields["model"].default, help="MLflow model URI (or a local model folder)")
+    pred.add_argument("--input", required=True, help="table to score: a local path, s3://, gs://, az://, http(s)://")
+    pred.add_argument("--output", required=True, help="where the predictions go: a local path or s3://bucket/key")
+    pred.add_argument("--keep", nargs="+", action="extend", default=[], metavar="COL", help="input columns to copy")
+    pred.add_argument("--chunk-rows", type=_positive_int, default=fields["chunk_rows"].default, help="rows per chunk")
+    formats = ("auto", "csv", "parquet")
+    pred.add_argument("--format", choices=formats, default="auto", help="the input's format (auto: by name, content)")
+    pred.add_argument("--output-format", choices=formats, default="auto", help="the output's format (auto: by name)")
+    pred.add_argument("--delimiter", default="auto", help="the input CSV's delimiter (auto: sniffed; tab for a tab)")
+    pred.add_argument("--encoding", default="utf-8", help="the input CSV's text encoding")
+    pred.add_argument("--tracking-uri", default="", help=TRACKING_URI_HELP)
+    pred.add_argument("--experiment", default=fields["experiment"].default, help="MLflow experiment of the run")
+    pred.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+
+
 def _deploy_arguments(dep: argparse.ArgumentParser) -> None:
     """The options of `trainyard deploy`."""
     dep.add_argument(
@@ -97,6 +119,76 @@ def print_table(summary: dict[str, Any], out=None) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}", file=out)
+
+
+def print_predict_table(summary: dict[str, Any], out=None) -> None:
+    """A prediction's summary as two aligned columns."""
+    out = out or sys.stdout
+    version = f" v{summary['version']}" if summary["version"] else ""
+    rows = [
+        ("prediction run", summary["run_id"]),
+        ("model", f"{summary['model']}{version} ({summary['model_uri']})"),
+        ("model's run", summary["model_run_id"] or "-"),
+        ("input", summary["input"]),
+        ("input sha256", summary["input_sha256"]),
+        ("output", summary["output"]),
+        ("rows", str(summary["rows"])),
+        ("rows with missing values", str(summary["rows_missing"])),
+        ("rows with unseen categories", str(summary["rows_unseen"])),
+        ("seconds", f"{summary['seconds']:.1f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}", file=out)
+
+
+def _predict_config(args):
+    """The PredictConfig the arguments give; a refusal as one line (ConfigError)."""
+    from pydantic import ValidationError
+
+    from tasks.predict_config import PredictConfig
+
+    values = {k: getattr(args, k) for k in ("model", "input", "output", "keep", "chunk_rows", "tracking_uri")}
+    values |= {k: getattr(args, k) for k in ("experiment", "format", "output_format", "delimiter", "encoding")}
+    try:
+        return PredictConfig(**values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{where + ': ' if where else ''}{err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def _predict_command(args) -> int:
+    """Score the table and print the summary; an error ends in one line on stderr."""
+    try:
+        cfg = _predict_config(args)
+    except ConfigError as exc:
+        print(f"trainyard predict: {exc}", file=sys.stderr)
+        return 2
+    from pipelines.predict import predict
+    from tasks import tracking
+
+    tracking.configure_mlflow_client()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the summary
+            summary = predict(cfg)
+    except KeyboardInterrupt:  # the prediction run is marked KILLED, no output is left
+        print("trainyard predict: stopped by Ctrl-C (SIGINT); no output written", file=sys.stderr)
+        return INTERRUPTED
+    except TrainyardError as exc:
+        print(f"trainyard predict: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - anything else, still one line
+        print(f"trainyard predict: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(summary, sys.stdout, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print_predict_table(summary)
+    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -245,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         return _registry_command(args)
     if args.command == "deploy":
         return _deploy_command(args)
+    if args.command == "predict":
+        return _predict_command(args)
     try:
         cfg = _load(args)
     except ConfigError as exc:

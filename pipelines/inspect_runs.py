@@ -21,7 +21,7 @@ def latest_runs(tracking_uri: str, experiment: str, limit: int = 10) -> list[dic
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise LookupError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=limit)
+    runs = training_runs(client, exp.experiment_id, limit)
     # Each run's model went to its own registered model (tracking.registered_model, tag registry.model;
     # the experiment's name by default): a run is marked when it is that model's champion.
     models = {run.data.tags.get(keys.REGISTRY_MODEL) or experiment for run in runs}
@@ -39,6 +39,22 @@ def latest_runs(tracking_uri: str, experiment: str, limit: int = 10) -> list[dic
         row.update({k: run.data.metrics[k] for k in keys.RUNS_TABLE_METRICS if k in run.data.metrics})
         rows.append(row)
     return rows
+
+
+def training_runs(client, experiment_id: str, limit: int, page: int = 100) -> list:
+    """The experiment's newest `limit` training runs, newest first: prediction runs (keys.RUN_KIND) are
+    passed over, page by page (a filter on a tag would also drop the runs that lack it)."""
+    runs: list = []
+    token = None
+    while len(runs) < limit:
+        found = client.search_runs(
+            [experiment_id], order_by=["attributes.start_time DESC"], max_results=max(page, limit), page_token=token
+        )
+        runs += [run for run in found if not keys.is_prediction_run(run.data.tags)]
+        token = found.token
+        if not token:
+            break
+    return runs[:limit]
 
 
 def _cells(row: dict[str, Any], metrics: list[str]) -> list[str]:

@@ -38,6 +38,17 @@ CHAMPION_METRIC = "champion.metric"
 CHAMPION_PREVIOUS_VERSION = "champion.previous_version"
 REGISTRY_MODEL = "registry.model"
 REGISTRY_VERSION = "registry.version"
+# A run's kind: unset for a training run; a prediction run (`trainyard predict`) is tagged PREDICTION and
+# is left out of everything that looks for training runs (`trainyard runs`, the resume search).
+RUN_KIND = "trainyard.run_kind"
+PREDICTION = "prediction"
+PREDICT_MODEL_URI = "trainyard.predict.model_uri"  # as given: models:/NAME@ALIAS, models:/NAME/VERSION, ...
+PREDICT_MODEL_NAME = "trainyard.predict.model_name"
+PREDICT_MODEL_VERSION = "trainyard.predict.model_version"
+PREDICT_MODEL_RUN_ID = "trainyard.predict.model_run_id"  # the training run that logged the model
+PREDICT_INPUT = "trainyard.predict.input"
+PREDICT_INPUT_SHA256 = "trainyard.predict.input_sha256"
+PREDICT_OUTPUT = "trainyard.predict.output"
 
 # ---- values of the champion.decision tag, and the run statuses Trainyard sets ----------------------
 PROMOTED, KEPT = "promoted", "kept"
@@ -66,6 +77,11 @@ LR = "lr"
 CHAMPION_NEW_VALUE = "champion/new_value"
 CHAMPION_PREVIOUS_VALUE = "champion/previous_value"
 PER_CLASS = ("precision", "recall", "f1")  # test/<metric>/<class> and test/<metric>_macro
+PREDICT_ROWS = "predict/rows"
+PREDICT_ROWS_MISSING = "predict/rows_missing"  # rows with a missing value in a feature (imputed)
+PREDICT_ROWS_UNSEEN = "predict/rows_unseen"  # rows with a category the model did not see in training
+PREDICT_MISSING_PREFIX = "predict/missing/"  # predict/missing/<column>, predict/unseen/<column>
+PREDICT_UNSEEN_PREFIX = "predict/unseen/"
 CONFUSION_MATRIX_IMAGE = "test/confusion_matrix"  # TensorBoard's image tag (MLflow: plots/confusion_matrix.png)
 
 
@@ -87,6 +103,11 @@ TEST_METRICS = {
 RUNS_TABLE_METRICS = tuple(k for k, m in TEST_METRICS.items() if m.in_runs_table)
 DEFAULT_CHAMPION_METRIC = {"classification": "test/accuracy", "regression": "test/mse"}
 _PER_CLASS_KEY = re.compile(rf"test/({'|'.join(PER_CLASS)})/.+")
+
+
+def is_prediction_run(tags: dict[str, str]) -> bool:
+    """Whether a run (by its tags) is a prediction run rather than a training run."""
+    return tags.get(RUN_KIND) == PREDICTION
 
 
 def per_class_key(metric: str, class_part: str) -> str:
