@@ -99,6 +99,16 @@ def _deploy_arguments(dep: argparse.ArgumentParser) -> None:
     dep.add_argument("--csv-path", default="", help=csv_help)
     dep.add_argument("--csv-target", default="label", help="data.target of the csv-retrain deployment")
     dep.add_argument("--timezone", default="Europe/Berlin", help="timezone of the cron schedules")
+    input_help = (
+        "table the batch-predict deployment scores (default: $TRAINYARD_PREDICT_INPUT, "
+        "else s3://trainyard/data/score.csv)"
+    )
+    dep.add_argument("--predict-input", default="", help=input_help)
+    output_help = (
+        "where batch-predict writes its predictions "
+        "(default: $TRAINYARD_PREDICT_OUTPUT, else s3://trainyard/predictions/score.parquet)"
+    )
+    dep.add_argument("--predict-output", default="", help=output_help)
 
 
 def print_table(summary: dict[str, Any], out=None) -> None:
@@ -275,6 +285,8 @@ def _deploy_command(args) -> int:
             csv_path=args.csv_path,
             csv_target=args.csv_target,
             timezone=args.timezone,
+            predict_input=args.predict_input,
+            predict_output=args.predict_output,
         )
     except Exception as exc:
         import httpx

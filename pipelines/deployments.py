@@ -1,9 +1,9 @@
-"""The deployments Trainyard registers: scheduled retrains on the `cpu` pool and the
-training step on the `gpu` pool. `trainyard deploy` applies them to a Prefect server.
+"""The deployments Trainyard registers: scheduled retrains and the daily batch scoring on the
+`cpu` pool, the training step on the `gpu` pool. `trainyard deploy` applies them to a Prefect server.
 
 Every deployment enforces its parameter schema, so a bad value typed into the Prefect
 UI's form is refused before a run starts. The form comes from `TrainConfig`: titles,
-descriptions, dropdowns for the choices and bounds for the numbers.
+descriptions, dropdowns for the choices and bounds for the numbers (`PredictConfig` for the scoring).
 """
 
 from __future__ import annotations
@@ -16,12 +16,22 @@ from typing import Any
 from prefect.client.schemas.schedules import CronSchedule
 
 from pipelines.config import load_config
+from tasks.predict_config import PredictConfig
 
 TIMEZONE = "Europe/Berlin"
 CPU_POOL, GPU_POOL = "cpu", "gpu"
 # The table csv-retrain trains on: an object in the stack's bucket, where operators upload a new version
 # (deploy/README.md). The compose stack names it in TRAINYARD_RETRAIN_CSV, from its MINIO_BUCKET.
 RETRAIN_CSV_ENV, RETRAIN_CSV = "TRAINYARD_RETRAIN_CSV", "s3://trainyard/data/retrain.csv"
+# csv-retrain registers its models apart from nightly-mnist's (both track into the experiment `trainyard`):
+# sharing one registered model, the first of them to finish would stay the champion of both, and the table
+# scoring would find an image model there.
+RETRAIN_CSV_MODEL = "trainyard-csv"
+# The table batch-predict scores with csv-retrain's champion, and where its predictions go: objects in the
+# same bucket, named by the compose stack in TRAINYARD_PREDICT_INPUT and TRAINYARD_PREDICT_OUTPUT.
+PREDICT_INPUT_ENV, PREDICT_INPUT = "TRAINYARD_PREDICT_INPUT", "s3://trainyard/data/score.csv"
+PREDICT_OUTPUT_ENV, PREDICT_OUTPUT = "TRAINYARD_PREDICT_OUTPUT", "s3://trainyard/predictions/score.parquet"
+PREDICT_CRON = "0 5 * * *"  # daily, after the nightly (02:00) and weekly (Monday 03:30) retrains
 
 
 @dataclass
@@ -29,7 +39,7 @@ class Plan:
     """One deployment to apply: its flow, work pool, schedule and parameters."""
 
     name: str
-    flow: str  # "train" or "train-step"
+    flow: str  # "train", "train-step" or "predict"
     pool: str
     description: str
     cron: str = ""
@@ -58,16 +68,55 @@ def retrain_csv(csv_path: str = "") -> str:
     return csv_path or os.environ.get(RETRAIN_CSV_ENV) or RETRAIN_CSV
 
 
-def plans(csv_path: str = "", csv_target: str = "label", timezone: str = TIMEZONE, gpu_slots: int = 1) -> list[Plan]:
-    """Every deployment: three retrains of the whole flow on the cpu pool, the training step on the gpu pool.
+def predict_objects(predict_input: str = "", predict_output: str = "") -> tuple[str, str]:
+    """The input and output of batch-predict: as given, else TRAINYARD_PREDICT_INPUT and
+    TRAINYARD_PREDICT_OUTPUT, else the stack's default objects."""
+    return (
+        predict_input or os.environ.get(PREDICT_INPUT_ENV) or PREDICT_INPUT,
+        predict_output or os.environ.get(PREDICT_OUTPUT_ENV) or PREDICT_OUTPUT,
+    )
+
+
+def _batch_predict(model_name: str, predict_input: str, predict_output: str, timezone: str) -> Plan:
+    """The daily scoring of `predict_input` with the champion of `model_name` into `predict_output`."""
+    predict_input, predict_output = predict_objects(predict_input, predict_output)
+    cfg = PredictConfig(model=f"models:/{model_name}@champion", input=predict_input, output=predict_output)
+    return Plan(
+        "batch-predict",
+        "predict",
+        CPU_POOL,
+        f"Score {predict_input} with the champion of {model_name} every day at 05:00 into {predict_output}.",
+        cron=PREDICT_CRON,
+        timezone=timezone,
+        parameters={"cfg": cfg.model_dump(mode="json")},
+        tags=["scheduled", "predict"],
+    )
+
+
+def plans(
+    csv_path: str = "",
+    csv_target: str = "label",
+    timezone: str = TIMEZONE,
+    gpu_slots: int = 1,
+    predict_input: str = "",
+    predict_output: str = "",
+) -> list[Plan]:
+    """Every deployment: three retrains of the whole flow and the batch scoring on the cpu pool, the
+    training step on the gpu pool.
 
     csv-retrain reads `csv_path` (see retrain_csv) when it runs: a run whose object has not changed since
-    the champion was trained skips, one after an upload trains on the new version.
+    the champion was trained skips, one after an upload trains on the new version. batch-predict scores
+    `predict_input` with csv-retrain's champion into `predict_output` (see predict_objects).
     """
     csv_path = retrain_csv(csv_path)
     mnist = load_config("mnist", env={}).model_dump(mode="json")
-    csv_overrides = [f"data.path={csv_path}", f"data.target={csv_target}"]
-    csv = load_config("csv", overrides=csv_overrides, env={}).model_dump(mode="json")
+    csv_overrides = [
+        f"data.path={csv_path}",
+        f"data.target={csv_target}",
+        f"tracking.registered_model={RETRAIN_CSV_MODEL}",
+    ]
+    csv_cfg = load_config("csv", overrides=csv_overrides, env={})
+    csv = csv_cfg.model_dump(mode="json")
     nightly_text, weekly_text = (
         "Retrain the MNIST preset every night at 02:00.",
         f"Retrain on {csv_path} every Monday at 03:30 (skipped while it is unchanged).",
@@ -90,7 +139,8 @@ def plans(csv_path: str = "", csv_target: str = "label", timezone: str = TIMEZON
         concurrency_limit=gpu_slots,
         tags=["gpu"],
     )
-    return [nightly, weekly, on_demand, gpu]
+    scoring = _batch_predict(csv_cfg.tracking.model_name(), predict_input, predict_output, timezone)
+    return [nightly, weekly, on_demand, gpu, scoring]
 
 
 def _flow(kind: str):
@@ -99,6 +149,10 @@ def _flow(kind: str):
         from pipelines.flow import train_flow
 
         return train_flow
+    if kind == "predict":
+        from pipelines.predict_flow import batch_predict_flow
+
+        return batch_predict_flow
     from pipelines.remote import train_step_flow
 
     return train_step_flow
@@ -121,10 +175,12 @@ def ensure_pools(gpu_slots: int = 1) -> None:
 
 
 ENTRYPOINTS = {
-    # Workers load the train flow with retries (a retry resumes from the last checkpoint). Both are
+    # Workers load the train flow with retries (a retry resumes from the last checkpoint). All are
     # relative to work_dir, wherever `trainyard deploy` itself runs.
     "train": "pipelines/flow.py:retrying_train_flow",
     "train-step": "pipelines/remote.py:train_step_flow",
+    # Scoring has no flow retries: its one task retries I/O; bad input fails the same way every time.
+    "predict": "pipelines/predict_flow.py:batch_predict_flow",
 }
 
 

@@ -32,12 +32,13 @@ DEFAULT_CONFIG = TrainConfig()  # the parameter form's defaults
 
 
 def _not_bad_input(task, task_run, state) -> bool:
-    """Retry I/O failures (an S3 blip), not bad data: that fails the same way every time."""
-    from tasks.errors import DataError
+    """Retry I/O failures (an S3 blip), not bad input: bad data, a bad config, a model that does not resolve
+    or cannot be used (the ValueError kinds of TrainyardError) fail the same way every time."""
+    from tasks.errors import ConfigError, DataError, ModelError
 
     try:
         state.result()
-    except DataError:
+    except (DataError, ConfigError, ModelError):
         return False
     except Exception:
         return True

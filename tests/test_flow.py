@@ -278,3 +278,24 @@ def test_a_champion_metric_the_dataset_cannot_report_fails_before_training(toy_c
     client = MlflowClient(f"sqlite:///{state_home / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("trainyard").experiment_id])
     assert run.info.status == "FAILED" and "train/loss" not in run.data.metrics  # nothing was trained
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        ("DataError", False),
+        ("ConfigError", False),
+        ("ModelError", False),
+        ("StorageError", True),
+        ("OSError", True),
+    ],
+)
+def test_io_failures_are_retried_and_bad_input_is_not(error, retried):
+    """The retry rule of the ingest and scoring tasks: bad data, config or model fail alike every time."""
+    from prefect.states import Failed
+
+    from pipelines.flow import _not_bad_input
+    from tasks import errors
+
+    exc = getattr(errors, error, None) or OSError
+    assert _not_bad_input(None, None, Failed(data=exc("boom"))) is retried

@@ -1,6 +1,7 @@
 """A real Prefect server on PostgreSQL with process workers on the `cpu` and `gpu` pools:
 deployments registered by `trainyard deploy`, runs triggered through the API as the UI
-does, the parameter form's schema, the skip-when-unchanged path and the gpu train step."""
+does, the parameter form's schema, the skip-when-unchanged path, the gpu train step and the
+scheduled scoring with the champion."""
 
 from __future__ import annotations
 
@@ -9,14 +10,23 @@ import time
 import uuid
 
 import boto3
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tasks import keys
 from tests.conftest import REPO
 from tests.services import FAKE_KEYS, S3Endpoint, postgres_database, prefect_server, prefect_worker
 
 pytestmark = pytest.mark.service
 BUCKET = "orchestration"
+# What the stack registers: the csv-retrain table and the batch-predict objects, as `trainyard deploy` passes them.
+DEPLOY_ARGS = {
+    "csv_path": "/data/retrain.csv",
+    "csv_target": "label",
+    "predict_input": "/data/score.csv",
+    "predict_output": "/data/predictions/score.parquet",
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +53,7 @@ def stack(tmp_path_factory):
                 with temporary_settings(updates={PREFECT_API_URL: api}):  # the server's URL is known only now
                     from pipelines.deployments import deploy
 
-                    ids = deploy(REPO, gpu_slots=1, csv_path="/data/retrain.csv", csv_target="label")
+                    ids = deploy(REPO, gpu_slots=1, **DEPLOY_ARGS)
                     with (
                         prefect_worker(api, "cpu", worker_env, root / "cpu-worker.log", limit=2),
                         prefect_worker(api, "gpu", worker_env, root / "gpu-worker.log", limit=1),
@@ -114,6 +124,16 @@ def test_schedules_and_pools_are_registered(stack):
         assert client.read_work_pool("gpu").concurrency_limit == 1
         limit = gpu.global_concurrency_limit.limit if gpu.global_concurrency_limit else gpu.concurrency_limit
         assert limit == 1  # one training at a time on the gpu pool
+        scoring = client.read_deployment_by_name("trainyard-predict/batch-predict")
+    (schedule,) = scoring.schedules
+    assert schedule.schedule.cron == "0 5 * * *" and schedule.schedule.timezone == "Europe/Berlin"
+    assert scoring.work_pool_name == "cpu" and scoring.enforce_parameter_schema
+    assert scoring.entrypoint == "pipelines/predict_flow.py:batch_predict_flow"
+    assert sorted(scoring.tags) == ["predict", "scheduled"]
+    cfg = scoring.parameters["cfg"]
+    assert csv.parameters["cfg"]["tracking"]["registered_model"] == "trainyard-csv"  # not nightly-mnist's
+    assert cfg["model"] == "models:/trainyard-csv@champion"  # csv-retrain's champion
+    assert (cfg["input"], cfg["output"]) == (DEPLOY_ARGS["predict_input"], DEPLOY_ARGS["predict_output"])
 
 
 def test_the_ui_form_schema(stack):
@@ -200,6 +220,86 @@ def test_ui_triggered_run_then_skip_then_force(stack, toy_csv):
         assert len(mlflow.search_runs([exp.experiment_id])) == 2
 
 
+def predict_parameters(dep, **cfg):
+    """batch-predict's parameters with some values of the config replaced, as the UI's form sends them."""
+    return {"cfg": {**dep.parameters["cfg"], **cfg}}
+
+
+def test_scheduled_scoring_with_the_champion_trained_on_demand(stack, toy_csv):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    experiment = f"orch-predict-{uuid.uuid4().hex[:6]}"
+    tracking_uri = f"sqlite:///{stack['root'] / 'mlflow.db'}"
+    output = stack["root"] / f"{experiment}.parquet"
+    with client_for(stack) as client:
+        train = client.read_deployment_by_name("trainyard-train/on-demand")
+        params = csv_parameters(stack, toy_csv, experiment, epochs=3)
+        trained = wait_final(client, client.create_flow_run_from_deployment(train.id, parameters=params).id)
+        assert trained.state.is_completed() and trained.state.name == "Completed", trained.state
+        dep = client.read_deployment_by_name("trainyard-predict/batch-predict")
+        cfg = {"model": f"models:/{experiment}@champion", "tracking_uri": tracking_uri, "experiment": experiment}
+        params = predict_parameters(dep, **cfg, input=str(toy_csv), output=str(output), keep=["id"])
+        run = wait_final(client, client.create_flow_run_from_deployment(dep.id, parameters=params).id)
+        assert run.state.is_completed(), run.state
+        # a table that is not there fails at once: bad input is not retried
+        missing = predict_parameters(
+            dep, **cfg, input=str(stack["root"] / "no-such.csv"), output=str(output.with_suffix(".csv"))
+        )
+        failed = wait_final(client, client.create_flow_run_from_deployment(dep.id, parameters=missing).id)
+        assert failed.state.is_failed(), failed.state
+        (step,) = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[failed.id])))
+        assert step.name.startswith("predict") and step.run_count == 1
+    source, scored = pd.read_csv(toy_csv), pd.read_parquet(output)
+    assert list(scored.columns)[:2] == ["id", "prediction"]  # the kept column, then the model's answer
+    # one row per input row, in order (a kept CSV column is copied as its text)
+    assert scored["id"].astype(str).tolist() == source["id"].astype(str).tolist()
+    assert set(scored["prediction"]) == {"yes", "no"}
+    assert (scored["prediction"] == source["label"]).mean() > 0.8  # the trained champion, not a constant
+    mlflow = MlflowClient(tracking_uri)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name(experiment).experiment_id])
+    (training,) = [r for r in runs if not keys.is_prediction_run(r.data.tags)]
+    scoring = {r.info.status: r for r in runs if r.data.tags.get("trainyard.run_kind") == "prediction"}
+    assert sorted(scoring) == ["FAILED", "FINISHED"]  # the scoring above, and the one of the missing table
+    done = scoring["FINISHED"]
+    assert done.data.tags[keys.PREDICT_MODEL_RUN_ID] == training.info.run_id  # the champion trained above
+    assert done.data.metrics[keys.PREDICT_ROWS] == len(source)
+
+
+@pytest.mark.parametrize("key, value", [("chunk_rows", 0), ("output_format", "xlsx"), ("chunks", 10)])
+def test_bad_scoring_parameters_are_refused_before_a_run(stack, key, value):
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with client_for(stack) as client:
+        dep = client.read_deployment_by_name("trainyard-predict/batch-predict")
+        with pytest.raises(PrefectHTTPStatusError) as err:
+            client.create_flow_run_from_deployment(dep.id, parameters=predict_parameters(dep, **{key: value}))
+        assert err.value.response.status_code in (409, 422)
+
+
+def test_batch_predict_objects_come_from_the_deploy_options_else_the_environment(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines import deployments as d
+    from pipelines.cli import main
+
+    def objects(**kwargs) -> tuple[str, str]:
+        (plan,) = [p for p in d.plans(**kwargs) if p.name == "batch-predict"]
+        return plan.parameters["cfg"]["input"], plan.parameters["cfg"]["output"]
+
+    monkeypatch.delenv(d.PREDICT_INPUT_ENV, raising=False)
+    monkeypatch.delenv(d.PREDICT_OUTPUT_ENV, raising=False)
+    assert objects() == (d.PREDICT_INPUT, d.PREDICT_OUTPUT)
+    monkeypatch.setenv(d.PREDICT_INPUT_ENV, "s3://ml-data/data/score.csv")
+    monkeypatch.setenv(d.PREDICT_OUTPUT_ENV, "s3://ml-data/out/score.csv")
+    assert objects() == ("s3://ml-data/data/score.csv", "s3://ml-data/out/score.csv")
+    assert objects(predict_input="/in.parquet", predict_output="/out.csv") == ("/in.parquet", "/out.csv")
+    seen = {}
+    monkeypatch.setattr(d, "deploy", lambda *args, **kwargs: seen.update(kwargs) or {})
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert main(["deploy", "--predict-input", "/in.csv", "--predict-output", "s3://b/out.parquet"]) == 0
+    assert (seen["predict_input"], seen["predict_output"]) == ("/in.csv", "s3://b/out.parquet")
+
+
 def test_training_step_runs_on_the_gpu_pool(stack, toy_csv):
     experiment = f"orch-gpu-{uuid.uuid4().hex[:6]}"
     params = csv_parameters(stack, toy_csv, experiment, epochs=3)
@@ -267,8 +367,7 @@ def test_deploy_again_sets_the_gpu_slots_entrypoints_and_image(stack):
                 REPO,
                 gpu_slots=2,
                 image="registry.example/trainyard-cuda:1",
-                csv_path="/data/retrain.csv",
-                csv_target="label",
+                **DEPLOY_ARGS,
             )
             with client_for(stack) as client:
                 assert client.read_work_pool("gpu").concurrency_limit == 2
@@ -279,7 +378,7 @@ def test_deploy_again_sets_the_gpu_slots_entrypoints_and_image(stack):
                 nightly = client.read_deployment_by_name("trainyard-train/nightly-mnist")
                 assert nightly.entrypoint == "pipelines/flow.py:retrying_train_flow"
         finally:  # the other tests of this module use the stack as the fixture made it
-            deploy(REPO, gpu_slots=1, csv_path="/data/retrain.csv", csv_target="label")
+            deploy(REPO, gpu_slots=1, **DEPLOY_ARGS)
     with client_for(stack) as client:
         assert client.read_work_pool("gpu").concurrency_limit == 1
         assert "image" not in client.read_deployment_by_name("trainyard-train-step/gpu").job_variables
