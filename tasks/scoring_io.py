@@ -157,11 +157,14 @@ def read_chunks(
 
 
 def _block_size(src: Source, chunk_rows: int) -> int:
-    """pyarrow's block: about chunk_rows rows of the file, by the length of its first lines."""
+    """pyarrow's block: about an eighth of chunk_rows rows of the file, by the length of its first lines."""
     with decompressed(src.path) as f:
         sample = f.read(SAMPLE_BYTES)
     per_row = len(sample) / max(sample.count(b"\n"), 1)
-    return int(min(max(per_row * chunk_rows * 1.25, MIN_BLOCK), MAX_BLOCK))
+    # An eighth of a chunk: pyarrow's reader holds several blocks, decoded, ahead of the one handed over, so
+    # smaller blocks keep the memory down (of the covtype-shaped table, 231 MB of Arrow memory live at once with
+    # 10 MB blocks, 95 MB with 1 MB ones) and read no slower (benchmarks/predict.py).
+    return int(min(max(per_row * chunk_rows / 8, MIN_BLOCK), MAX_BLOCK))
 
 
 def _csv_reader(src: Source, f, types: dict[str, pa.DataType | None], block: int) -> pacsv.CSVStreamingReader:
