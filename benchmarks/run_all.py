@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...] [--out FILE]
 
-end_to_end needs prefect and mlflow; it is skipped (with a line saying so) where they are missing.
+end_to_end and predict need prefect and mlflow; they are skipped (with a line saying so) where they are missing.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["train_throughput", "mnist_fast", "csv_ingest", "end_to_end"]
+BENCHMARKS = ["train_throughput", "mnist_fast", "csv_ingest", "end_to_end", "predict"]
+NEEDS_SERVICES = {"end_to_end", "predict"}  # prefect and mlflow
 
 
 def main(argv=None) -> int:
@@ -35,8 +36,8 @@ def _run(names: list[str], quick: bool, out) -> int:
     """Run the benchmarks one after another; their JSON lines to stdout (and `out`); 1 when one failed."""
     failed = 0
     for name in names:
-        if name == "end_to_end" and not all(importlib.util.find_spec(m) for m in ("prefect", "mlflow")):
-            lines = [json.dumps({"name": "end_to_end", "skipped": "prefect or mlflow is not installed here"})]
+        if name in NEEDS_SERVICES and not all(importlib.util.find_spec(m) for m in ("prefect", "mlflow")):
+            lines = [json.dumps({"name": name, "skipped": "prefect or mlflow is not installed here"})]
         else:
             cmd = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if quick else [])
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
