@@ -145,3 +145,21 @@ class GraphLog(logging.Handler):
         self.logger.removeHandler(self)
         self.logger.setLevel(self.saved[0])
         self.logger.propagate = self.saved[1]
+
+
+# The memory probes of a benchmark's child process (Linux /proc): pasted into its code, before the measured part.
+MEMORY_PROBES = r"""
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+def reset_hwm():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+"""

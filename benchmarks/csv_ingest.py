@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, emit, note
+from _common import MEMORY_PROBES, REPO, emit, note
 
 COVTYPE_ROWS = 581_012
 MEASURES = [
@@ -76,16 +76,7 @@ import numpy, pandas, torch, pyarrow.csv
 from tasks.data_config import DataConfig
 from tasks.ingest_csv import build_csv
 
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-
+{probes}
 path, what = sys.argv[1], sys.argv[2]
 cfg = DataConfig(source="csv", path=path, target={target!r})
 try:
@@ -110,7 +101,7 @@ print(json.dumps({{
 
 
 def child(path: Path, what: str) -> dict:
-    code = CHILD.format(repo=str(REPO), target=TARGET)
+    code = CHILD.format(repo=str(REPO), target=TARGET, probes=MEMORY_PROBES)
     out = subprocess.run([sys.executable, "-c", code, str(path), what], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

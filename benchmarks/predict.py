@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import emit, machine, note
+from _common import MEMORY_PROBES, emit, machine, note
 from csv_ingest import TARGET, write_covtype_like
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,20 +43,7 @@ CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-
-def reset_hwm():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
+{probes}
 what, path, out, chunk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 if what == "read_csv":
     import pandas
@@ -91,7 +78,7 @@ else:
 
 
 def child(what: str, path: Path, out: Path, chunk: int, env: dict[str, str], warm: Path) -> dict:
-    code = CHILD.format(repo=str(REPO))
+    code = CHILD.format(repo=str(REPO), probes=MEMORY_PROBES)
     proc = subprocess.run(
         [sys.executable, "-c", code, what, str(path), str(out), str(chunk), str(warm)],
         capture_output=True,

@@ -193,12 +193,17 @@ def _predict_command(args) -> int:
     except Exception as exc:  # noqa: BLE001 - anything else, still one line
         print(f"trainyard predict: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    if args.json:
+    _print_summary(summary, args.json, print_predict_table)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool, table) -> None:
+    """A command's summary on stdout: one JSON object (--json), or `table`'s aligned text."""
+    if as_json:
         json.dump(summary, sys.stdout, sort_keys=True)
         sys.stdout.write("\n")
     else:
-        print_predict_table(summary)
-    return 0
+        table(summary)
 
 
 def _positive_int(text: str) -> int:
@@ -333,11 +338,8 @@ def _train_command(args, cfg: TrainConfig) -> int:
         return 1
     if summary.get("skipped"):
         print(json.dumps(summary) if args.json else f"skipped: nothing changed ({summary['reason']})")
-    elif args.json:
-        json.dump(summary, sys.stdout, sort_keys=True)
-        sys.stdout.write("\n")
     else:
-        print_table(summary)
+        _print_summary(summary, args.json, print_table)
     return 0
 
 
