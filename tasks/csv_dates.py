@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from tasks.rowcodec import date_part
+
 ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
 _OFFSET = re.compile(r"(?:Z|[+-]\d{2}:?\d{2})$")
 DATE_PARTS = ("year", "month", "day_of_week", "day_of_year")
@@ -58,13 +60,11 @@ def text_dates(texts: np.ndarray) -> tuple[pd.Series, dict] | None:
 
 
 def date_parts(stamps: pd.Series, parts: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Each part's numbers (small integers when nothing is missing, else float64 with NaN), and the missing rows."""
+    """Each part's numbers (small integers when nothing is missing, else float64 with NaN), and the missing rows;
+    taken as the registered model takes them from raw rows (tasks/rowcodec.py)."""
     missing = stamps.isna().to_numpy()
-    dt = stamps.dt
-    taken = {"year": dt.year, "month": dt.month, "day_of_week": dt.dayofweek, "day_of_year": dt.dayofyear}
-    taken["hour"] = dt.hour if "hour" in parts else None
     out = {}
     for part in parts:
-        values = taken[part].to_numpy(dtype="float64", na_value=np.nan)
+        values = date_part(stamps, part)
         out[part] = values if missing.any() else values.astype(np.int32)
     return out, missing

@@ -23,10 +23,10 @@ from tasks.csv_standardise import GROUP, SplitRows, Standardiser, pool_array, th
 from tasks.data_config import DataConfig
 from tasks.errors import DataError
 from tasks.prepared import Prepared
+from tasks.rowcodec import MISSING  # a missing categorical value, as the vocabulary holds it
 from tasks.splits import split_indices
 
 log = logging.getLogger("trainyard.ingest")
-MISSING = "<missing>"  # a categorical value that is missing, as its vocabulary holds it
 EXAMPLE_ROWS = 5
 
 

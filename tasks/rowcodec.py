@@ -10,7 +10,9 @@ label in the target's own classes with one probability per class, or to the pred
 target's unit; an image model's to the digit and its probabilities.
 
 It needs numpy and pandas only: it runs inside the model wherever MLflow loads it, without
-Trainyard installed.
+Trainyard installed. The ingest takes a date's parts (`date_part`) and the missing category's
+marker from here, so those are one code; its standardisation is its own faster route to the same
+numbers, which tests/test_pyfunc.py checks bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ import pandas as pd
 MISSING = "<missing>"  # a missing categorical value, as the vocabulary holds it (tasks/csv_encode.py)
 PREDICTION = "prediction"
 PROBABILITY = "probability_"  # + the class's name: one column per class
+# A date's parts, as pandas' datetime accessor names them; the ingest takes them with date_part too.
+DATE_PART_FIELDS = {
+    "year": "year",
+    "month": "month",
+    "day_of_week": "dayofweek",
+    "day_of_year": "dayofyear",
+    "hour": "hour",
+}
 
 
 class InputError(ValueError):
@@ -142,12 +152,8 @@ class RowCodec:
         """A date column's parts into x[:, col_i:], each standardised; the rows with no date."""
         stamps = _datetimes(feature, column)
         missing = stamps.isna().to_numpy()
-        dt = stamps.dt
-        taken = {"year": dt.year, "month": dt.month, "day_of_week": dt.dayofweek, "day_of_year": dt.dayofyear}
         for j, part in enumerate(feature["parts"]):
-            source = dt.hour if part["part"] == "hour" else taken[part["part"]]
-            values = source.to_numpy(dtype="float64", na_value=np.nan)
-            x[:, col_i + j] = _standardised(values, missing, part)
+            x[:, col_i + j] = _standardised(date_part(stamps, part["part"]), missing, part)
         return missing
 
     # ---- the network's outputs -> predictions -------------------------------------------------
@@ -170,6 +176,12 @@ class RowCodec:
         for k, name in enumerate(self.output_columns[1:]):
             frame[name] = probabilities[:, k]
         return frame
+
+
+def date_part(stamps: pd.Series, part: str) -> np.ndarray:
+    """One part of datetimes (year, month, day_of_week 0 = Monday, day_of_year, hour) as float64, NaN where
+    there is no date."""
+    return getattr(stamps.dt, DATE_PART_FIELDS[part]).to_numpy(dtype="float64", na_value=np.nan)
 
 
 def _labels(schema: dict[str, Any]) -> list[Any]:
