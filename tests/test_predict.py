@@ -270,3 +270,34 @@ def test_s3_bad_input_leaves_no_object_and_a_missing_bucket_is_named(model, s3, 
     local = str(write(scoring_frame(), tmp_path / "in.csv"))
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
         score_table(model, PredictConfig(input=local, output="s3://no-such-bucket/p.csv"), tmp_path / "state")
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------
+
+
+def test_an_http_input_is_downloaded_once_and_scored_as_the_local_file(model, tmp_path):
+    """A table on a web server (http.server on 127.0.0.1) goes through the training data's source cache."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "www"
+    folder.mkdir()
+    frame = scoring_frame()
+    write(frame, folder / "score.csv")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/score.csv"
+        result = score(model, tmp_path, url, "web.parquet", keep=["id"])
+        local = score(model, tmp_path, str(folder / "score.csv"), "local.parquet", keep=["id"])
+        with pytest.raises(DataError, match="404"):
+            score(model, tmp_path, url.replace("score.csv", "absent.csv"), "none.parquet")
+    finally:
+        server.shutdown()
+        server.server_close()
+    pd.testing.assert_frame_equal(read(tmp_path / "web.parquet"), read(tmp_path / "local.parquet"))
+    assert result.rows == local.rows == len(frame) and result.input_sha256 == local.input_sha256
+    assert list((tmp_path / "state" / "sources").iterdir())  # the copy in the source cache
+    assert not (tmp_path / "none.parquet").exists() and leftovers(tmp_path) == []
