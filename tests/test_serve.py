@@ -75,3 +75,23 @@ def test_dataframe_records_with_a_missing_value_and_an_unseen_colour(served):
 def test_a_missing_column_is_answered_with_its_name(served):
     status, body = post(served["url"], {"dataframe_records": [{"x1": 1.0, "colour": "red"}]})
     assert status == 400 and "x2" in body["message"]
+
+
+def test_an_mnist_model_serves_images_as_json_arrays(tmp_path, mnist_root):
+    """An image model has no input schema (it takes uint8 or float images): `inputs` of 0-255 integers work."""
+    from pipelines.flow import train_flow
+    from tests.conftest import make_digits
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"data.root={mnist_root}", "data.download=false", "train.epochs=1", f"tracking.uri={uri}"]
+    train_flow(load_config("mnist", overrides=overrides, env={}))
+    images, _ = make_digits(8, 3)
+    with fluent_uris(uri):
+        expected = mlflow.pyfunc.load_model("models:/trainyard@champion").predict(images)
+    with model_server("models:/trainyard@champion", uri, tmp_path / "serve.log") as url:
+        status, body = post(url, {"inputs": images.tolist()})
+        float_status, floats = post(url, {"inputs": (images / 255.0)[:, None].tolist()})  # 0-1, channel axis
+    assert status == 200 and float_status == 200, (body, floats)
+    answer = pd.DataFrame(body["predictions"])
+    assert answer["prediction"].tolist() == expected["prediction"].tolist()
+    assert [row["prediction"] for row in floats["predictions"]] == expected["prediction"].tolist()
