@@ -95,20 +95,21 @@ def _deploy_arguments(dep: argparse.ArgumentParser) -> None:
     dep.add_argument("--gpu-slots", type=_positive_int, default=1, help=slots_help)
     image_help = "container image of the flow runs (required by Kubernetes and Docker pools)"
     dep.add_argument("--image", default="", help=image_help)
+    # The defaults of these three come from the environment: their help says so (SUPPRESS: no "(default: )").
     csv_help = "data.path of the csv-retrain deployment (default: $TRAINYARD_RETRAIN_CSV, else s3://trainyard/data/retrain.csv)"
-    dep.add_argument("--csv-path", default="", help=csv_help)
+    dep.add_argument("--csv-path", default=argparse.SUPPRESS, help=csv_help)
     dep.add_argument("--csv-target", default="label", help="data.target of the csv-retrain deployment")
     dep.add_argument("--timezone", default="Europe/Berlin", help="timezone of the cron schedules")
     input_help = (
         "table the batch-predict deployment scores (default: $TRAINYARD_PREDICT_INPUT, "
         "else s3://trainyard/data/score.csv)"
     )
-    dep.add_argument("--predict-input", default="", help=input_help)
+    dep.add_argument("--predict-input", default=argparse.SUPPRESS, help=input_help)
     output_help = (
         "where batch-predict writes its predictions "
         "(default: $TRAINYARD_PREDICT_OUTPUT, else s3://trainyard/predictions/score.parquet)"
     )
-    dep.add_argument("--predict-output", default="", help=output_help)
+    dep.add_argument("--predict-output", default=argparse.SUPPRESS, help=output_help)
 
 
 def print_table(summary: dict[str, Any], out=None) -> None:
@@ -287,11 +288,11 @@ def _deploy_command(args) -> int:
             args.work_dir,
             args.gpu_slots,
             image=args.image,
-            csv_path=args.csv_path,
+            csv_path=getattr(args, "csv_path", ""),
             csv_target=args.csv_target,
             timezone=args.timezone,
-            predict_input=args.predict_input,
-            predict_output=args.predict_output,
+            predict_input=getattr(args, "predict_input", ""),
+            predict_output=getattr(args, "predict_output", ""),
         )
     except Exception as exc:
         import httpx

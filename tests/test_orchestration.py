@@ -298,6 +298,9 @@ def test_batch_predict_objects_come_from_the_deploy_options_else_the_environment
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         assert main(["deploy", "--predict-input", "/in.csv", "--predict-output", "s3://b/out.parquet"]) == 0
     assert (seen["predict_input"], seen["predict_output"]) == ("/in.csv", "s3://b/out.parquet")
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert main(["deploy"]) == 0  # not given: "" (deployments.py falls back to the environment)
+    assert (seen["csv_path"], seen["predict_input"], seen["predict_output"]) == ("", "", "")
 
 
 def test_training_step_runs_on_the_gpu_pool(stack, toy_csv):
