@@ -66,9 +66,19 @@ class Dialect:
         return codecs.lookup(self.encoding).name == "utf-8"
 
 
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def format_by_name(name: object, fmt: str = "auto") -> str:
+    """A table's format: `fmt`, or for `auto` Parquet for a name ending .parquet or .pq, CSV otherwise."""
+    if fmt != "auto":
+        return fmt
+    return "parquet" if str(name).lower().endswith(PARQUET_SUFFIXES) else "csv"
+
+
 def check_file(path: Path, kind: str = "") -> None:
     """Refuse a path that is not there or is a folder (named a Parquet file by its name, else a CSV file)."""
-    kind = kind or ("Parquet file" if path.name.lower().endswith((".parquet", ".pq")) else "CSV file")
+    kind = kind or ("Parquet file" if format_by_name(path.name) == "parquet" else "CSV file")
     if not path.exists():
         raise DataError(f"{kind} not found: {path}")
     if path.is_dir():

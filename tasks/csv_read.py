@@ -26,6 +26,7 @@ from tasks.csv_file import (
     check_file,
     decompressed,
     dialect_of,
+    format_by_name,
     header_names,
     looks_like_parquet,
     read_error,
@@ -344,9 +345,7 @@ def _read_pieces(path: Path, columns: Columns, dialect: Dialect) -> bool:
 def table_format(path: Path, data_cfg: DataConfig, where: object = None) -> str:
     """data.format, or for `auto` Parquet for a name ending .parquet or .pq (the name shown, when given:
     a downloaded copy's own name may not tell), CSV otherwise."""
-    if data_cfg.format != "auto":
-        return data_cfg.format
-    return "parquet" if str(where or path).lower().endswith((".parquet", ".pq")) else "csv"
+    return format_by_name(where or path, data_cfg.format)
 
 
 def read_columns(path: Path, data_cfg: DataConfig, where: object = None) -> Columns:

@@ -26,6 +26,7 @@ from tasks.csv_file import (
     check_file,
     decompressed,
     dialect_of,
+    format_by_name,
     header_names,
     looks_like_parquet,
     read_error,
@@ -36,7 +37,6 @@ from tasks.hashing import sha256_file
 from tasks.storage_config import StorageConfig
 from tasks.uris import file_path, is_remote, scheme, supported_schemes
 
-PARQUET_SUFFIXES = (".parquet", ".pq")
 MIN_BLOCK, MAX_BLOCK = 1 << 20, 64 << 20  # pyarrow's CSV block size: its default at least, bounded above
 SAMPLE_BYTES = 1 << 16  # text read to estimate the bytes of a row
 # The model's raw column types (MLflow type names) as the Arrow types its columns are read with: integers
@@ -90,11 +90,10 @@ def open_input(
         if scheme(uri) not in ("", "file"):
             raise DataError(f"input {uri}: scheme {scheme(uri)}:// is not supported; expected {supported_schemes()}")
         path = file_path(uri)
-        parquet = fmt == "parquet" or (fmt == "auto" and uri.lower().endswith(PARQUET_SUFFIXES))
-        check_file(path, "Parquet file" if parquet else "CSV file")
+        check_file(path, "Parquet file" if format_by_name(uri, fmt) == "parquet" else "CSV file")
         sha = sha256_file(path)
     if fmt == "auto":
-        fmt = "parquet" if uri.lower().endswith(PARQUET_SUFFIXES) or looks_like_parquet(path) else "csv"
+        fmt = "parquet" if format_by_name(uri) == "parquet" or looks_like_parquet(path) else "csv"
     if path.stat().st_size == 0:
         kind = "Parquet file" if fmt == "parquet" else "CSV file"
         raise DataError(f"{kind} {uri} is empty (0 bytes); expected a header line and data rows")

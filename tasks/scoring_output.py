@@ -17,25 +17,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from tasks import s3_settings
+from tasks.csv_file import format_by_name
 from tasks.errors import StorageError
 from tasks.storage_config import StorageConfig
 from tasks.uris import file_path, scheme
-
-PARQUET_SUFFIXES = (".parquet", ".pq")
-
-
-def output_format(uri: str, fmt: str) -> str:
-    """output_format, or for `auto` Parquet for a name ending .parquet or .pq, CSV otherwise."""
-    if fmt != "auto":
-        return fmt
-    return "parquet" if uri.lower().endswith(PARQUET_SUFFIXES) else "csv"
 
 
 class Output:
     """The output table: open() checks it can be written, write() adds a chunk, commit() puts it in place."""
 
     def __init__(self, uri: str, fmt: str, storage: StorageConfig | None = None):
-        self.uri, self.format = uri, output_format(uri, fmt)
+        self.uri, self.format = uri, format_by_name(uri, fmt)
         self.storage = storage or StorageConfig()
         self.remote = scheme(uri) == "s3"
         self.tmp: Path | None = None
