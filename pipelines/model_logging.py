@@ -92,39 +92,22 @@ def input_example(cfg: TrainConfig, schema: dict[str, Any], dataset: DatasetRef)
 
     rows = schema.get("example_rows") or [0]
     codec = rowcodec.RowCodec(schema)
-    frame = _first_rows(Path(schema["file"]), cfg, codec.column_types, max(rows) + 1)
+    frame = _first_rows(Path(schema["file"]), dataset.uri or schema["file"], cfg, codec.column_types, max(rows) + 1)
     return frame.iloc[rows].reset_index(drop=True)
 
 
-def _first_rows(path: Path, cfg: TrainConfig, types: dict[str, str], n: int):
-    """The table's first `n` rows of the columns `types` names, with the model's input types."""
-    import pandas as pd
-    import pyarrow.parquet as pq
+def _first_rows(path: Path, uri: str, cfg: TrainConfig, types: dict[str, str], n: int):
+    """The table's first `n` rows of the columns `types` names, read as batch scoring reads them
+    (tasks/scoring_io.py), with the signature's types."""
+    from tasks.scoring_io import arrow_type, local_source, read_chunks
 
-    from tasks.csv_file import NA_VALUES, dialect_of, looks_like_parquet
-
-    columns = list(types)
-    if cfg.data.format == "parquet" or (cfg.data.format == "auto" and looks_like_parquet(path)):
-        frame = next(pq.ParquetFile(path).iter_batches(batch_size=n, columns=columns)).to_pandas()
-    else:
-        dialect = dialect_of(path, cfg.data.delimiter, cfg.data.encoding)
-        text = [c for c, t in types.items() if t == "string"]
-        frame = pd.read_csv(
-            path,
-            sep=dialect.delimiter,
-            encoding=dialect.encoding,
-            usecols=columns,
-            nrows=n,
-            dtype={c: str for c in text},
-            na_values=list(NA_VALUES),
-            keep_default_na=False,
-        )
+    src = local_source(uri, path, "", cfg.data.format, cfg.data.delimiter, cfg.data.encoding)
+    with contextlib.closing(read_chunks(src, {c: arrow_type(t) for c, t in types.items()}, n, lambda _: None)) as rows:
+        frame = next(rows).to_pandas()
     for name, t in types.items():
-        if t == "datetime" and not pd.api.types.is_datetime64_any_dtype(frame[name]):
-            frame[name] = pd.to_datetime(frame[name], format="ISO8601")
-        elif t in ("long", "double"):
-            frame[name] = frame[name].astype("int64" if t == "long" else "float64")
-    return frame[columns]
+        if t == "long":  # scoring reads integers as floats, so that a missing value is NaN; the signature's are int64
+            frame[name] = frame[name].astype("int64")
+    return frame[list(types)]
 
 
 def log_pyfunc_model(

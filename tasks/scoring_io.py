@@ -92,6 +92,12 @@ def open_input(
         path = file_path(uri)
         check_file(path, "Parquet file" if format_by_name(uri, fmt) == "parquet" else "CSV file")
         sha = sha256_file(path)
+    return local_source(uri, path, sha, fmt, delimiter, encoding)
+
+
+def local_source(uri: str, path: Path, sha: str, fmt: str, delimiter: str, encoding: str) -> Source:
+    """The table at local `path` (named `uri`, its bytes' sha256 known): its format and, for a CSV file, its
+    dialect; an empty file, or a Parquet file taken for CSV, refused."""
     if fmt == "auto":
         fmt = "parquet" if format_by_name(uri) == "parquet" or looks_like_parquet(path) else "csv"
     if path.stat().st_size == 0:
