@@ -127,6 +127,11 @@ def print_table(summary: dict[str, Any], out=None) -> None:
     rows += [(k, f"{v:.4f}") for k, v in summary["test_metrics"].items() if k.count("/") == 1]
     rows += [(f"artifact {k}", v) for k, v in summary["artifacts"].items()]
     rows.append(("TensorBoard", summary["tensorboard_dir"]))
+    _print_rows(rows, out)
+
+
+def _print_rows(rows: list[tuple[str, str]], out) -> None:
+    """(key, value) rows as two aligned columns."""
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}", file=out)
@@ -148,9 +153,7 @@ def print_predict_table(summary: dict[str, Any], out=None) -> None:
         ("rows with unseen categories", str(summary["rows_unseen"])),
         ("seconds", f"{summary['seconds']:.1f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}", file=out)
+    _print_rows(rows, out)
 
 
 def _predict_config(args):

@@ -83,8 +83,7 @@ class TrainyardModel(PythonModel):
         b = torch.tensor(-mean / std, dtype=torch.float64).to(torch.float32)
         inputs = torch.addcmul(b, x.to(torch.float32), a)  # as tasks/data.py's Normalize
         outputs = self._forward(inputs.numpy())
-        shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        probabilities = rowcodec.softmax(outputs)
         frame = pd.DataFrame({rowcodec.PREDICTION: outputs.argmax(axis=1).astype(np.int64)})
         for digit in range(probabilities.shape[1]):
             frame[f"{rowcodec.PROBABILITY}{digit}"] = probabilities[:, digit]

@@ -169,13 +169,17 @@ class RowCodec:
             probabilities = np.stack([1.0 - p1, p1], axis=1)
             codes = (outputs.reshape(-1) > 0).astype(np.int64)  # as evaluation decides (tasks/forward.py)
         else:
-            shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
-            probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-            codes = outputs.argmax(axis=1)
+            probabilities, codes = softmax(outputs), outputs.argmax(axis=1)
         frame = pd.DataFrame({PREDICTION: pd.Series(self.labels).iloc[codes].to_numpy()})
         for k, name in enumerate(self.output_columns[1:]):
             frame[name] = probabilities[:, k]
         return frame
+
+
+def softmax(outputs: np.ndarray) -> np.ndarray:
+    """Each row's class probabilities from the network's outputs (logits)."""
+    shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def date_part(stamps: pd.Series, part: str) -> np.ndarray:

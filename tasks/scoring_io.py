@@ -43,9 +43,7 @@ SAMPLE_BYTES = 1 << 16  # text read to estimate the bytes of a row
 # as floats, so a missing value is NaN in every chunk rather than turning one chunk's column into floats.
 ARROW_TYPES = {
     "long": pa.float64(),
-    "integer": pa.float64(),
     "double": pa.float64(),
-    "float": pa.float64(),
     "string": pa.string(),
     "boolean": pa.bool_(),
     "datetime": pa.timestamp("ns"),
