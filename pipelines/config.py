@@ -70,6 +70,11 @@ class TrainConfig(Section):
                 f"train.grad_clip={self.train.grad_clip} is not applied with optim.name=lbfgs (its closure "
                 "steps many times); set it to 0 or pick another optimizer"
             )
+        if self.optim.name == "lbfgs" and not self.train.distributed.single:
+            raise ValueError(
+                "optim.name=lbfgs re-evaluates its closure a data-dependent number of times, which several "
+                "processes cannot keep in step; pick another optimizer or train.distributed.nproc_per_node=1"
+            )
         if self.train.cuda_graph and (reason := cuda_graph_refusal(self.optim, self.schedule, self.train)):
             raise ValueError(reason)
         if self.schedule.name == "lambda":  # every epoch this run reaches, not just a few

@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from tasks.data import Normalize, TensorSplit, make_loader, order_generator
+from tasks.distributed import World, padded_order, stride_rows
 from tasks.errors import TrainingError
 from tasks.prepared import Prepared
 from tasks.train_config import TrainSection
@@ -100,9 +102,11 @@ class ResidentBatcher:
         seed: int = 0,
         prep: BatchPrep | None = None,
         train: bool = True,
+        world: World | None = None,
     ):
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"inputs have {x.shape[0]} rows but targets {y.shape[0]}")
+        self.world = world  # with several processes: this rank keeps its stride of each epoch's order
         self.device = torch.device(device)
         self.x = x.to(self.device)  # as stored: uint8 images stay uint8
         self.y = y.to(self.device)
@@ -113,16 +117,27 @@ class ResidentBatcher:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
+    def _rows(self) -> int:
+        n = self.x.shape[0]
+        return n if self.world is None else math.ceil(n / self.world.size)
+
     def __len__(self) -> int:
-        return math.ceil(self.x.shape[0] / self.batch_size)
+        return math.ceil(self._rows() / self.batch_size)
 
     def epoch_order(self) -> torch.Tensor | None:
-        if not self.shuffle:
+        """The rows of this epoch in order (None: all of them as stored). Every rank draws the same seeded
+        permutation, so the ranks' strides of it are disjoint and together the whole split."""
+        n = self.x.shape[0]
+        if self.shuffle:
+            order = torch.randperm(n, device=self.device, generator=self.generator)
+        elif self.world is not None:
+            order = torch.arange(n, device=self.device)
+        else:
             return None
-        return torch.randperm(self.x.shape[0], device=self.device, generator=self.generator)
+        return order if self.world is None else padded_order(order, self.world)
 
     def __iter__(self) -> Iterator[Batch]:
-        n, b = self.x.shape[0], self.batch_size
+        n, b = self._rows(), self.batch_size
         order = self.epoch_order()
         for start in range(0, n, b):
             if order is None:
@@ -219,6 +234,12 @@ class Batches:
             gens["augment"] = train.prep.generator
         return gens
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tell a DistributedSampler which epoch's order to draw (it seeds itself with seed + epoch)."""
+        sampler = getattr(getattr(self.train, "loader", None), "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+
     def rng_state(self) -> dict[str, torch.Tensor]:
         """The states of the generators behind the epoch order and the augmentation (for checkpoints)."""
         return {name: g.get_state() for name, g in self._generators().items()}
@@ -244,35 +265,49 @@ def _shift_pixels(train_cfg: TrainSection, x_train: torch.Tensor) -> int:
 
 
 def _resident(
-    train_cfg: TrainSection, train: Split, val: Split, device: torch.device, prep: BatchPrep
+    train_cfg: TrainSection, train: Split, val: Split, device: torch.device, prep: BatchPrep, world: World | None
 ) -> tuple[ResidentBatcher, ResidentBatcher]:
-    size, seed = train_cfg.batch_size, train_cfg.seed
-    train_batches = ResidentBatcher(*train, size, device=device, shuffle=train_cfg.shuffle, seed=seed, prep=prep)
+    size, seed, shuffle = train_cfg.batch_size, train_cfg.seed, train_cfg.shuffle
+    train_batches = ResidentBatcher(*train, size, device=device, shuffle=shuffle, seed=seed, prep=prep, world=world)
     val_batches = ResidentBatcher(*val, train_cfg.eval_batch_size, device=device, shuffle=False, prep=prep, train=False)
     return train_batches, val_batches
 
 
 def _loaders(
-    train_cfg: TrainSection, train: Split, val: Split, device: torch.device, prep: BatchPrep
+    train_cfg: TrainSection, train: Split, val: Split, device: torch.device, prep: BatchPrep, world: World | None
 ) -> tuple[LoaderBatcher, LoaderBatcher]:
     pin = device.type == "cuda"
+    dataset = TensorSplit(*train)
+    sampler = None
+    if world is not None:  # padded like the resident path's strides: every rank takes as many steps
+        sampler = DistributedSampler(dataset, world.size, world.rank, shuffle=train_cfg.shuffle, seed=train_cfg.seed)
     train_loader = make_loader(
-        TensorSplit(*train),
+        dataset,
         train_cfg.batch_size,
         shuffle=train_cfg.shuffle,
         num_workers=train_cfg.num_workers,
         seed=train_cfg.seed,
         pin_memory=pin,
+        sampler=sampler,
     )
     val_loader = make_loader(TensorSplit(*val), train_cfg.eval_batch_size, shuffle=False, pin_memory=pin)
     return LoaderBatcher(train_loader, device, prep), LoaderBatcher(val_loader, device, prep, train=False)
 
 
 def make_batches(
-    prepared: Prepared, train_cfg: TrainSection, device: torch.device, *, channels_last: bool = False
+    prepared: Prepared,
+    train_cfg: TrainSection,
+    device: torch.device,
+    *,
+    channels_last: bool = False,
+    world: World | None = None,
 ) -> Batches:
-    """The train and val batch sources for `train_cfg` on `device`, resident when the data fits."""
+    """The train and val batch sources for `train_cfg` on `device`, resident when the data fits. With a
+    `world`, `train_cfg.batch_size` is this process's share, and the validation rows are its stride."""
     train, val = prepared.split("train"), prepared.split("val")
+    if world is not None:
+        rows = stride_rows(val[1].shape[0], world)
+        val = (val[0][rows].contiguous(), val[1][rows].contiguous())
     shift = _shift_pixels(train_cfg, train[0])
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(train_cfg.seed + 1)
@@ -282,4 +317,4 @@ def make_batches(
     plan = plan_residency(train_cfg.gpu_resident, device, needed, train_cfg.gpu_memory_share)
     log.info("batches: %s (%s)", "device-resident" if plan.resident else "DataLoader", plan.reason)
     build = _resident if plan.resident else _loaders
-    return Batches(*build(train_cfg, train, val, device, prep), plan)
+    return Batches(*build(train_cfg, train, val, device, prep, world), plan)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from tasks.errors import ConfigError
 from tasks.train_config import MAX_EPOCHS, TrainSection
 
 # train.batch_size=auto: about 1/32 of the training rows a batch, a power of two between these.
@@ -38,3 +39,17 @@ def stop_reason(epoch: int, best_epoch: int, patience: int, monitor: str) -> str
     if not patience or epoch - best_epoch < patience:
         return ""
     return f"{monitor} has not improved for {epoch - best_epoch} epochs (train.early_stopping={patience})"
+
+
+def process_batch(batch_size: int, world_size: int, per_process: bool, explicit: bool) -> int:
+    """The batch one of `world_size` processes takes: all of `batch_size` with one process or with
+    train.distributed.batch=per_process; else its share of the global batch, which an explicit
+    train.batch_size must divide into (auto's size is rounded up to a multiple)."""
+    if world_size == 1 or per_process:
+        return batch_size
+    if batch_size % world_size and explicit:
+        raise ConfigError(
+            f"train.batch_size={batch_size} is the global batch (train.distributed.batch=global) and does not "
+            f"divide among {world_size} processes; pick a multiple of {world_size} or set batch=per_process"
+        )
+    return math.ceil(batch_size / world_size)

@@ -68,8 +68,12 @@ def fingerprint(
         "model": model_cfg.model_dump(mode="json"),
         "optim": optim_cfg.model_dump(mode="json"),
         "schedule": sched_cfg.model_dump(mode="json"),
-        "train": train_cfg.model_dump(mode="json", exclude=_EXECUTION_ONLY),
+        "train": train_cfg.model_dump(mode="json", exclude=_EXECUTION_ONLY | {"distributed"}),
     }
+    # How many processes train and where they meet may change on a resume (the global batch is what the
+    # optimiser sees); a per-process batch changes that batch, so it counts.
+    if train_cfg.distributed.batch != "global":
+        parts["distributed"] = train_cfg.distributed.model_dump(mode="json", include={"batch", "lr_scaling"})
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

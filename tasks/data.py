@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from tasks.prepared import Prepared
 
@@ -88,6 +88,7 @@ def make_loader(
     num_workers: int = 0,
     seed: int = 0,
     pin_memory: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     # The epoch order has a generator of its own (the sampler's, saved in checkpoints). The loader's
     # generator only seeds its worker processes, which draw nothing random here: it is drawn once per
@@ -97,10 +98,12 @@ def make_loader(
     order.manual_seed(seed)
     workers = torch.Generator()
     workers.manual_seed(seed + 1)
+    if sampler is None:  # a DistributedSampler (several processes) draws its own seeded order
+        sampler = RandomSampler(dataset, generator=order) if shuffle else SequentialSampler(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=RandomSampler(dataset, generator=order) if shuffle else SequentialSampler(dataset),
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=_as_batch,
         generator=workers,

@@ -29,6 +29,7 @@ TRAIN_EPOCHS_PLANNED = "train.epochs_planned"  # train.epochs raised for train.m
 TRAIN_EPOCHS_RUN = "train.epochs_run"  # fewer when early stopping ended the run
 TRAIN_BATCH_SIZE = "train.batch_size_used"  # what train.batch_size=auto chose
 TRAIN_STOPPED_EARLY = "train.stopped_early"  # the reason, when early stopping ended the run
+TRAIN_PROCESSES = "train.processes"  # DDP world size: training processes over all nodes
 TRAIN_DEPLOYMENT = "train.deployment"
 TRAIN_FLOW_RUN_ID = "train.flow_run_id"
 ARTIFACTS_URI = "artifacts.uri"
@@ -133,3 +134,7 @@ def test_metric_keys(task: str, class_parts: list[str]) -> list[str]:
     if task == "classification":
         keys += [per_class_key(m, part) for part in class_parts for m in PER_CLASS]
     return keys + [k for k, m in TEST_METRICS.items() if m.task == "any"]
+
+
+# ---- tags of training on Kubernetes (pipelines/trainjob.py) --------------------------------------
+TRAIN_TRAINJOB = "train.trainjob"  # namespace/name of the Kubeflow Trainer TrainJob that trained the run

@@ -167,3 +167,12 @@ def build_scheduler(
     if builder is None:
         raise TrainingError(f"unknown scheduler {sched_cfg.name!r}; valid: {', '.join(SCHEDULERS)}")
     return builder(optimizer, sched_cfg, _Run(optim_cfg.lr, epochs, steps_per_epoch, maximize))
+
+
+def scaled_lr(optim_cfg: OptimConfig, sched_cfg: ScheduleConfig, factor: float) -> tuple[OptimConfig, ScheduleConfig]:
+    """optim.lr and schedule.max_lr times `factor` (train.distributed.lr_scaling with batch=per_process)."""
+    if factor == 1.0:
+        return optim_cfg, sched_cfg
+    log.info("train.distributed.lr_scaling: optim.lr %g -> %g", optim_cfg.lr, optim_cfg.lr * factor)
+    scaled = sched_cfg.model_copy(update={"max_lr": sched_cfg.max_lr * factor}) if sched_cfg.max_lr else sched_cfg
+    return optim_cfg.model_copy(update={"lr": optim_cfg.lr * factor}), scaled

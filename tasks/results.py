@@ -39,6 +39,7 @@ class TrainResult:
     epochs: int = 0  # the epochs planned: train.epochs, or more for train.min_steps
     batch_size: int = 0  # train.batch_size, or the size `auto` chose
     stopped: str = ""  # why early stopping ended the run before `epochs`; "" when it did not
+    processes: int = 1  # the training processes (DDP world size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,6 +6,9 @@ optimizer, schedule, and the state of a resumed run), then per epoch trains (`tr
 validates (`validate`) and saves. The best checkpoint (by the validation metric; or the last
 one with train.keep=last) is written atomically and its path returned.
 
+Setting up (tasks/train_setup.py) builds the `Run`: with several processes (tasks/launch.py), one rank
+of a DistributedDataParallel group, of which rank 0 alone writes checkpoints and reports epochs.
+
 The hot path: batches come from tasks/batching.py (device-resident tensors when they fit, the
 DataLoader otherwise), bf16 autocast on CUDA, channels_last for conv nets, fused optimizers on
 CUDA, torch.compile or the whole step as one CUDA graph (tasks/graphstep.py) when asked. Nothing
@@ -15,42 +18,32 @@ per epoch, which is also when the NaN check runs.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from models.config import ModelConfig
-from tasks.batching import Batches, make_batches
-from tasks.budget import batch_size_for, epochs_for, stop_reason
-from tasks.checkpoint import (
-    atomic_save,
-    best_payload,
-    fingerprint,
-    load_resume_checkpoint,
-    restore_resume_state,
-    resume_payload,
-)
+from tasks.budget import stop_reason
+from tasks.checkpoint import atomic_save, best_payload, resume_payload
+from tasks.distributed import World, whole_split
 from tasks.errors import TrainingError
 from tasks.forward import batch_loss, evaluate_split, fit_loss, val_metric
 from tasks.graphstep import GraphedStep
-from tasks.keys import LR, TRAIN_LOSS, VAL_ACCURACY, VAL_LOSS
+from tasks.keys import LR, TRAIN_LOSS, VAL_LOSS
 from tasks.optim_config import OptimConfig, ScheduleConfig
-from tasks.optimisation import Schedule, build_optimizer, build_scheduler, loss_for
+from tasks.optimisation import Schedule
 from tasks.prepared import Prepared
 from tasks.results import TrainResult
-from tasks.runtime import pick_device, pick_precision, place_model, seed_everything
-from tasks.train_config import TrainSection, cuda_graph_refusal
+from tasks.train_config import TrainSection
 from tasks.train_log import log_epoch, log_start, log_stop
+from tasks.train_setup import Run, setup
 
 # TrainResult is re-exported: callers of train_model find its result type beside it.
 __all__ = ["EpochCallback", "Run", "TrainResult", "setup", "train_epoch", "train_model", "validate"]
@@ -58,141 +51,6 @@ __all__ = ["EpochCallback", "Run", "TrainResult", "setup", "train_epoch", "train
 log = logging.getLogger("trainyard.train")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-
-
-# ---- setup ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One training run's live objects and its progress so far; `setup` builds it."""
-
-    schema: dict[str, Any]
-    device: torch.device
-    precision: str
-    model: nn.Module  # checkpoints and validation use it; `forward` may be its compiled twin
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    channels_last: bool
-    source: Batches
-    loss_fn: nn.Module
-    eval_loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    scaler: torch.amp.GradScaler
-    fingerprint: str
-    maximize: bool  # the monitored metric: accuracy (classification, train.monitor=auto) or the loss
-    mark_step: Callable[[], None] = lambda: None
-    graphed: GraphedStep | None = None
-    best: float = field(init=False)  # the monitored metric's best value so far
-    best_epoch: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    first_epoch: int = 1
-    epochs: int = 1  # train.epochs, or more for train.min_steps
-    batch_size: int = 1  # train.batch_size, or the one auto chose
-
-    def __post_init__(self) -> None:
-        self.best = -math.inf if self.maximize else math.inf
-
-    @property
-    def monitor(self) -> str:
-        return VAL_ACCURACY if self.maximize else VAL_LOSS
-
-    @property
-    def dataset_key(self) -> str:
-        return self.schema.get("key", "")
-
-    def improves(self, value: float) -> bool:
-        return value > self.best if self.maximize else value < self.best
-
-
-def _compiled(model: nn.Module, train_cfg: TrainSection) -> nn.Module:
-    mode = train_cfg.compile_mode
-    log.info("compiling the model (torch.compile, mode %s); the first steps include compile time", mode)
-    return torch.compile(model, mode=mode, dynamic=False)
-
-
-def _cudagraph_step_marker(train_cfg: TrainSection, device: torch.device) -> Callable[[], None]:
-    """With CUDA graphs (compile_mode reduce-overhead), each training step begins a new graph step."""
-    if train_cfg.compile and device.type == "cuda" and train_cfg.compile_mode == "reduce-overhead":
-        return torch.compiler.cudagraph_mark_step_begin
-    return lambda: None
-
-
-def _graphed_step(run: Run, train_cfg: TrainSection) -> GraphedStep | None:  # train_cfg with the batch size
-    """The CUDA-graph step of train.cuda_graph, or None where it does not apply (not on CUDA)."""
-    if not train_cfg.cuda_graph:
-        return None
-    if run.device.type != "cuda":
-        log.warning("train.cuda_graph needs CUDA; training eagerly on %s", run.device.type)
-        return None
-    compute_loss = functools.partial(
-        batch_loss, run.forward, run.loss_fn, run.schema, run.device, run.precision, cache=False
-    )
-    log.info("train.cuda_graph: the training step is recorded once as a CUDA graph and replayed per batch")
-    params = run.model.parameters()
-    return GraphedStep(params, compute_loss, run.optimizer, run.device, run.batch_size, train_cfg.grad_clip)
-
-
-def _resume(run: Run, path: str | os.PathLike) -> None:
-    """Continue `run` after the epoch the resume checkpoint at `path` recorded."""
-    ck = load_resume_checkpoint(path, run.fingerprint)
-    run.best, run.best_epoch, run.history = ck["best"], ck["best_epoch"], list(ck["history"])
-    scheduler = run.schedule.scheduler
-    restore_resume_state(
-        ck, model=run.model, optimizer=run.optimizer, scheduler=scheduler, scaler=run.scaler, device=run.device
-    )
-    run.source.set_rng_state(ck["batch_rng"])
-    run.first_epoch = ck["epoch"] + 1
-    log.info("resuming from %s after epoch %d", path, ck["epoch"])
-
-
-def setup(
-    prepared: Prepared,
-    model_cfg: ModelConfig,
-    optim_cfg: OptimConfig,
-    sched_cfg: ScheduleConfig,
-    train_cfg: TrainSection,
-    resume_from: str | os.PathLike | None = None,
-) -> Run:
-    """Seed, pick device and precision, build everything the loop steps; resume when asked."""
-    if train_cfg.cuda_graph and (reason := cuda_graph_refusal(optim_cfg, sched_cfg, train_cfg)):
-        raise TrainingError(reason)  # on any device, before any work
-    schema = prepared.schema
-    seed_everything(train_cfg.seed)
-    device = pick_device(train_cfg.device)
-    precision = pick_precision(train_cfg.precision, device)
-    model, channels_last = place_model(model_cfg, schema, device)
-    forward = _compiled(model, train_cfg) if train_cfg.compile else model
-    batch_size = batch_size_for(train_cfg, int(prepared.tensors["y_train"].shape[0]))
-    sized = train_cfg.model_copy(update={"batch_size": batch_size})  # what the batches and a CUDA graph read
-    source = make_batches(prepared, sized, device, channels_last=channels_last)
-    epochs = epochs_for(train_cfg, len(source.train))
-    classification = schema["task"] == "classification"
-    maximize = classification and train_cfg.monitor == "auto"  # accuracy; else the loss, minimised
-    optimizer = build_optimizer(model.parameters(), optim_cfg, device)
-    run = Run(
-        schema=schema,
-        device=device,
-        precision=precision,
-        model=model,
-        forward=forward,
-        channels_last=channels_last,
-        source=source,
-        loss_fn=loss_for(schema, train_cfg.label_smoothing if classification else 0.0),
-        eval_loss_fn=loss_for(schema),
-        optimizer=optimizer,
-        schedule=build_scheduler(optimizer, sched_cfg, optim_cfg, epochs, len(source.train), maximize),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        fingerprint=fingerprint(model_cfg, optim_cfg, sched_cfg, train_cfg, schema.get("key", "")),
-        maximize=maximize,
-        mark_step=_cudagraph_step_marker(train_cfg, device),
-        epochs=epochs,
-        batch_size=batch_size,
-    )
-    if resume_from is not None:
-        _resume(run, resume_from)
-    run.graphed = _graphed_step(run, sized)  # after the resume: it moves the loaded learning rates
-    return run
 
 
 # ---- one epoch --------------------------------------------------------------------------------------
@@ -229,6 +87,17 @@ def _eager_step(run: Run, x: torch.Tensor, y: torch.Tensor, grad_clip: float) ->
     return loss
 
 
+def _epoch_figures(
+    run: Run, total: torch.Tensor, seen: int, first_bad: torch.Tensor, steps: int
+) -> tuple[float, int, int]:
+    """(mean loss, first non-finite step or -1, steps): over all processes when there are several, so
+    that every one of them sees a NaN on any and stops with the same message."""
+    if run.world is None:
+        return float(total.item() / max(seen, 1)), int(first_bad.item()), steps
+    total, count = run.world.sum(total, torch.tensor(float(seen)))
+    return float(total.item() / max(count.item(), 1.0)), int(run.world.max(first_bad).item()), steps
+
+
 def _eager_epoch(run: Run, batches, grad_clip: float) -> tuple[float, int, int]:
     total = torch.zeros((), device=run.device)  # summed on the device, read once per epoch
     first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # first non-finite step, likewise
@@ -241,7 +110,7 @@ def _eager_epoch(run: Run, batches, grad_clip: float) -> tuple[float, int, int]:
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         total += loss * y.shape[0]
         seen += y.shape[0]
-    return float(total.item() / max(seen, 1)), int(first_bad.item()), step
+    return _epoch_figures(run, total, seen, first_bad, step)
 
 
 def _graphed_epoch(graphed: GraphedStep, batches, schedule: Schedule) -> tuple[float, int, int]:
@@ -255,6 +124,7 @@ def _graphed_epoch(graphed: GraphedStep, batches, schedule: Schedule) -> tuple[f
 def train_epoch(run: Run, epoch: int, train_cfg: TrainSection, lr_setting: float) -> float:
     """One pass over the training batches; the mean training loss, refused when not finite."""
     run.model.train()
+    run.source.set_epoch(epoch)
     batches, bar = _progress(run.source.train, epoch, run.epochs, train_cfg.progress)
     if run.graphed is not None:
         train_loss, bad_step, steps = _graphed_epoch(run.graphed, batches, run.schedule)
@@ -275,6 +145,8 @@ def validate(run: Run, epoch: int, lr_setting: float) -> tuple[float, str, float
     ev = evaluate_split(
         run.model, run.source.val, run.eval_loss_fn, run.schema, run.device, run.precision, run.channels_last
     )
+    if run.world is not None:
+        ev = whole_split(ev, run.world, run.val_rows)
     if not math.isfinite(ev.loss):
         raise TrainingError(f"validation loss became {ev.loss} in epoch {epoch}; lower optim.lr (now {lr_setting})")
     name, value = val_metric(ev, run.schema)
@@ -285,14 +157,19 @@ def validate(run: Run, epoch: int, lr_setting: float) -> tuple[float, str, float
 
 
 def _keep(run: Run, epoch: int, value: float, model_cfg: ModelConfig, path: Path) -> None:
-    run.best, run.best_epoch = value, epoch
+    run.best, run.best_epoch = value, epoch  # on every process: early stopping reads them
+    if not run.main:
+        return
     payload = best_payload(
         run.model, epoch=epoch, monitor=run.monitor, metric=value, dataset_key=run.dataset_key, model_cfg=model_cfg
     )
     atomic_save(payload, path)
 
 
-def _save_resume(run: Run, epoch: int, metrics: dict[str, float], path: Path) -> None:
+def _save_resume(run: Run, epoch: int, metrics: dict[str, float], path: Path) -> bool:
+    """Write `last.pt` (rank 0 alone; every process's generators are in the same state); whether written."""
+    if not run.main:
+        return False
     payload = resume_payload(
         fingerprint=run.fingerprint,
         dataset_key=run.dataset_key,
@@ -308,6 +185,7 @@ def _save_resume(run: Run, epoch: int, metrics: dict[str, float], path: Path) ->
         batch_rng=run.source.rng_state(),
     )
     atomic_save(payload, path)
+    return True
 
 
 def _result(run: Run, best_path: Path, seconds: float, patience: int) -> TrainResult:
@@ -326,6 +204,7 @@ def _result(run: Run, best_path: Path, seconds: float, patience: int) -> TrainRe
         epochs=run.epochs,
         batch_size=run.batch_size,
         stopped=_stopped(run, patience),
+        processes=run.world.size if run.world is not None else 1,
     )
 
 
@@ -348,14 +227,18 @@ def train_model(
     on_epoch: EpochCallback | None = None,
     resume_from: str | os.PathLike | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train as the config says; write `best.pt` (the kept weights) and `last.pt` (everything needed
     to resume: model, optimizer, scheduler, GradScaler, epoch, RNG states, data key) into `out_dir`.
 
     With `resume_from`, continue after the epoch that checkpoint recorded; on the CPU the end result
     equals an uninterrupted run's. `on_checkpoint(path)` is called after each `last.pt` write.
+
+    With a `world`, this is one of several processes (tasks/launch.py starts them): rank 0 alone
+    writes the checkpoints and calls `on_epoch` and `on_checkpoint`.
     """
-    run = setup(prepared, model_cfg, optim_cfg, sched_cfg, train_cfg, resume_from)
+    run = setup(prepared, model_cfg, optim_cfg, sched_cfg, train_cfg, resume_from, world)
     best_path, last_path = Path(out_dir) / "best.pt", Path(out_dir) / "last.pt"
     epochs, keep_last, every = run.epochs, train_cfg.keep == "last", train_cfg.checkpoint_every
     patience = train_cfg.early_stopping
@@ -378,14 +261,15 @@ def train_model(
         if improved:
             _keep(run, epoch, value, model_cfg, best_path)
         stop = stop_reason(epoch, run.best_epoch, patience, run.monitor)
-        if (every and epoch % every == 0) or epoch == epochs or stop:
-            _save_resume(run, epoch, metrics, last_path)
-            if on_checkpoint is not None:
-                on_checkpoint(last_path)
+        saved = ((every and epoch % every == 0) or epoch == epochs or stop) and _save_resume(
+            run, epoch, metrics, last_path
+        )
+        if saved and on_checkpoint is not None:
+            on_checkpoint(last_path)
         # wall time of the epoch (steps, validation, checkpoint); the reads above synchronised the device
         run.history.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - epoch_start})
         log_epoch(epoch, epochs, metrics, name, ("  (kept)" if keep_last else "  (best)") if improved else "")
-        if on_epoch is not None:
+        if on_epoch is not None and run.main:
             on_epoch(epoch, metrics)
         if stop:
             log_stop(run, epoch, stop)

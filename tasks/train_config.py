@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from tasks.distributed_config import DistributedSection
 from tasks.sections import Section
 
 if TYPE_CHECKING:
@@ -117,6 +118,12 @@ class TrainSection(Section):
         "small validation split).",
     )
 
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection,
+        title="Distributed training",
+        description="Several processes (GPUs) or nodes with DistributedDataParallel; one process by default.",
+    )
+
     @field_validator("batch_size")
     @classmethod
     def _batch_size(cls, v: int | str) -> int | str:
@@ -143,6 +150,13 @@ class TrainSection(Section):
             default = type(self).model_fields[key].default
             if not on and getattr(self, key) != default:
                 raise ValueError(f"train.{key}={getattr(self, key)!r} applies with {needs} only; remove it or set that")
+        if not self.distributed.single:
+            for key in ("cuda_graph", "compile"):
+                if getattr(self, key):
+                    raise ValueError(
+                        f"train.{key}=true does not work with several training processes "
+                        "(train.distributed.nproc_per_node auto or above 1, or nodes above 1); set one of them back"
+                    )
         return self
 
 

@@ -11,7 +11,7 @@ from tasks.prepared import Prepared
 from tasks.train_config import TrainSection
 
 if TYPE_CHECKING:
-    from tasks.train import Run
+    from tasks.train_setup import Run
 
 log = logging.getLogger("trainyard.train")
 
@@ -22,11 +22,13 @@ def log_start(run: Run, prepared: Prepared, model_name: str, train_cfg: TrainSec
     more = f" (train.min_steps={train_cfg.min_steps})" if run.epochs > train_cfg.epochs else ""
     patience = train_cfg.early_stopping
     stops = f", stopping after {patience} epochs without improvement" if patience else ""
+    procs = f" in {run.world.size} processes ({run.world.backend})" if run.world is not None else ""
     log.info(
-        "training %s on %s (%s) for %d epochs%s of %d steps at batch %d%s%s: %d train / %d val rows",
+        "training %s on %s (%s)%s for %d epochs%s of %d steps at batch %d%s%s: %d train / %d val rows",
         model_name,
         run.device,
         run.precision,
+        procs,
         run.epochs,
         more,
         len(run.source.train),
