@@ -57,10 +57,17 @@ def train_step_flow(
     work.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(run_id, "", work, work / "tensorboard", tracking_uri, storage_uri, state)
     result = training.train(cfg, ctx, dataset_ref(folder, dataset_key, reused=True))
-    (work / "result.json").write_text(json.dumps(result.to_dict()), encoding="utf-8")
-    files = {"best.pt": result.checkpoint, "result.json": str(work / "result.json"), **tensorboard_files(ctx.tb_dir)}
-    store.publish(handoff_prefix(run_id), files)
-    return {"handoff": f"{store.uri}/{handoff_prefix(run_id)}", "best_epoch": result.best_epoch}
+    return {"handoff": publish_handoff(store, ctx, result), "best_epoch": result.best_epoch}
+
+
+def publish_handoff(store: ArtifactStore, ctx: RunContext, result: TrainResult) -> str:
+    """Leave the step's best checkpoint, result and TensorBoard files at `handoffs/<run-id>` (one unit)
+    for the parent run to take; the handoff's URI."""
+    path = ctx.run_dir / "result.json"
+    path.write_text(json.dumps(result.to_dict()), encoding="utf-8")
+    files = {"best.pt": result.checkpoint, "result.json": str(path), **tensorboard_files(ctx.tb_dir)}
+    store.publish(handoff_prefix(ctx.run_id), files)
+    return f"{store.uri}/{handoff_prefix(ctx.run_id)}"
 
 
 def wait_for_step(flow_run_id, deployment: str, start_timeout: float, poll: float = 2.0):
@@ -108,6 +115,14 @@ def cancel_quietly(flow_run_id) -> None:
         log.warning("could not cancel train step flow run %s: %s", flow_run_id, exc)
 
 
+def step_job_variables(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The step's job variables: `gpu_count` (the gpu pool's nvidia.com/gpu limit on Kubernetes, its device
+    request on Docker) for a numeric train.distributed.nproc_per_node above 1; none otherwise (auto: the
+    pool's default count, all of which the step's processes use)."""
+    nproc = cfg.train.distributed.nproc_per_node
+    return {"gpu_count": nproc} if isinstance(nproc, int) and nproc > 1 else None
+
+
 def _run_step(deployment: str, cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, start_timeout: float):
     """Start the step's flow run and wait until it is final; cancel it when the wait fails or is stopped."""
     parameters = {
@@ -118,7 +133,7 @@ def _run_step(deployment: str, cfg: TrainConfig, ctx: RunContext, dataset: Datas
         "storage_uri": ctx.storage_uri,
     }
     # timeout=0: returns once the step's flow run exists; waited for below
-    flow_run = run_deployment(deployment, parameters=parameters, timeout=0)
+    flow_run = run_deployment(deployment, parameters=parameters, timeout=0, job_variables=step_job_variables(cfg))
     try:
         flow_run = wait_for_step(flow_run.id, deployment, start_timeout)
     except BaseException:  # no worker took it, or this run was stopped: the step must not train on alone

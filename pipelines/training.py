@@ -3,12 +3,20 @@
 Training resumes from the run's last checkpoint when there is one, here or in a shared store;
 with a shared (S3) store every resume checkpoint is uploaded under checkpoints/<run-id>/, so the
 run can resume on another worker.
+
+One training process is the plain path: `train_model` in this process. Several on this node
+(train.distributed.nproc_per_node) are started by PyTorch's elastic launcher (tasks/launch.py); their
+rank 0 logs to MLflow and TensorBoard and writes the checkpoints, through `rank0_hooks`. Several
+nodes train as a Kubeflow Trainer TrainJob (pipelines/trainjob.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -18,31 +26,34 @@ from pipelines.context import RunContext, store_for, trackers
 from tasks import keys, tracking
 from tasks.checkpoint import fetch_checkpoint, load_weights, publish_checkpoint
 from tasks.evaluate import evaluate_model
+from tasks.launch import LaunchPlan, launch, processes_per_node
 from tasks.prepared import load_prepared
 from tasks.results import DatasetRef, Evaluation, TrainResult
 from tasks.storage import ArtifactStore
 from tasks.train import train_model
+from tasks.train_rank import RankHooks, RankJob, train_rank
 
 log = logging.getLogger("trainyard.flow")
 
 
-def _shared_store(cfg: TrainConfig, ctx: RunContext) -> ArtifactStore | None:
+def shared_store(cfg: TrainConfig, ctx: RunContext) -> ArtifactStore | None:
     """The run's artifact store when other workers can read it (S3); else None."""
     store = store_for(cfg, ctx.storage_uri) if ctx.storage_uri else None
     return store if store is not None and store.remote else None
 
 
-def _resume_point(ctx: RunContext, shared: ArtifactStore | None) -> Path | None:
+def resume_point(ctx: RunContext, shared: ArtifactStore | None) -> Path | None:
     """The run's `last.pt` to resume from: here, else the one another worker left in the shared store."""
     last = ctx.checkpoint_dir / "last.pt"
     if not last.is_file() and shared is not None:
         fetch_checkpoint(shared, ctx.run_id, ctx.checkpoint_dir)
-    if not last.is_file():
-        return None
+    return last if last.is_file() else None
+
+
+def _note_resume(ctx: RunContext, last: Path) -> None:
     epoch = int(load_weights(last)["epoch"])
     tracking.set_tags(ctx.tracking_uri, ctx.run_id, {keys.RESUMED_FROM_EPOCH: str(epoch)})
     log.info("run %s resumes after epoch %d from %s", ctx.run_id, epoch, last)
-    return last
 
 
 def _uploader(ctx: RunContext, shared: ArtifactStore | None) -> Callable[[Path], None] | None:
@@ -56,31 +67,70 @@ def _uploader(ctx: RunContext, shared: ArtifactStore | None) -> Callable[[Path],
     return upload
 
 
-def train(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult:
-    """Train on the prepared dataset, logging each epoch to MLflow and TensorBoard."""
-    prepared = load_prepared(dataset.path)
-    shared = _shared_store(cfg, ctx)
-    resume_from = _resume_point(ctx, shared)
+@contextlib.contextmanager
+def rank0_hooks(cfg: TrainConfig, ctx: RunContext, resume_from: Path | None) -> Iterator[RankHooks]:
+    """What the writing process does besides training: each epoch to MLflow and TensorBoard (the config
+    too, on a new run), each `last.pt` to the shared store; picklable as a partial, for a launched rank 0."""
+    shared = shared_store(cfg, ctx)
+    if resume_from is not None:
+        _note_resume(ctx, resume_from)
     with trackers(cfg, ctx) as tracker:
         if resume_from is None:  # TensorBoard shows the config beside the curves; MLflow has it as params
             tracker.log_text("config", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        result = train_model(
+        yield RankHooks(lambda epoch, metrics: tracker.log_metrics(metrics, epoch), _uploader(ctx, shared))
+
+
+def rank_job(cfg: TrainConfig, ctx: RunContext, prepared_path: str) -> RankJob:
+    """The job of every training process of this run; rank 0 reports through `rank0_hooks`."""
+    hooks = functools.partial(rank0_hooks, cfg, ctx)
+    return RankJob(prepared_path, cfg.model, cfg.optim, cfg.schedule, cfg.train, str(ctx.checkpoint_dir), hooks)
+
+
+def _train_here(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult:
+    """The plain path: one process, this one."""
+    prepared = load_prepared(dataset.path)
+    resume_from = resume_point(ctx, shared_store(cfg, ctx))
+    with rank0_hooks(cfg, ctx, resume_from) as hooks:
+        return train_model(
             prepared,
             cfg.model,
             cfg.optim,
             cfg.schedule,
             cfg.train,
             ctx.checkpoint_dir,
-            on_epoch=lambda epoch, metrics: tracker.log_metrics(metrics, epoch),
+            on_epoch=hooks.on_epoch,
             resume_from=resume_from,
-            on_checkpoint=_uploader(ctx, shared),
+            on_checkpoint=hooks.on_checkpoint,
         )
+
+
+def _train_launched(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult:
+    """Several processes on this node, started by the elastic launcher; rank 0 resumes from a `last.pt`
+    left here or in the shared store, after a restart of the group too."""
+    resume_point(ctx, shared_store(cfg, ctx))
+    plan = LaunchPlan.of(cfg.train.distributed, cfg.train.device, ctx.run_id, ctx.run_dir / "launch")
+    return launch(plan, train_rank, rank_job(cfg, ctx, dataset.path))
+
+
+def train(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult:
+    """Train on the prepared dataset, logging each epoch to MLflow and TensorBoard: in this process, in
+    several started here (train.distributed.nproc_per_node), or on several nodes (train.distributed.nodes)."""
+    section = cfg.train.distributed
+    if section.nodes > 1:
+        from pipelines.trainjob import train_on_trainjob
+
+        result = train_on_trainjob(cfg, ctx, dataset, os.environ.get("TRAINYARD_IMAGE", ""))
+    elif processes_per_node(section, cfg.train.device) > 1:
+        result = _train_launched(cfg, ctx, dataset)
+    else:
+        result = _train_here(cfg, ctx, dataset)
     tags = {
         keys.TRAIN_DEVICE: result.device,
         keys.TRAIN_PRECISION: result.precision,
         keys.TRAIN_EPOCHS_PLANNED: result.epochs,
         keys.TRAIN_EPOCHS_RUN: int(result.history[-1]["epoch"]) if result.history else 0,
         keys.TRAIN_BATCH_SIZE: result.batch_size,
+        keys.TRAIN_PROCESSES: result.processes,
     }
     if result.stopped:
         tags[keys.TRAIN_STOPPED_EARLY] = result.stopped

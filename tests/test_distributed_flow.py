@@ -1,0 +1,79 @@
+"""DDP through the whole flow and under plain `torchrun`: one MLflow run written by rank 0, metrics
+logged once per epoch, test rows counted once; two "nodes" on loopback meeting by c10d rendezvous."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import TrainConfig, load_config
+from tasks.prepared import save_prepared
+from tests.test_train import blobs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_two_processes_through_the_flow_make_one_run(toy_csv, state_home):
+    from pipelines.flow import train_flow
+
+    settings = ["data.target=label", "data.drop=[id]", "train.epochs=6", "train.min_steps=0", "train.early_stopping=0"]
+    cfg = load_config("csv", overrides=[f"data.path={toy_csv}", *settings, "train.distributed.nproc_per_node=2"])
+    summary = train_flow(cfg)
+    client = MlflowClient(summary["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("trainyard").experiment_id])  # not one per rank
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["train.processes"] == "2"
+    for key in ("train/loss", "val/loss", "val/accuracy"):  # rank 0 alone logs, once per epoch
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 7)), key
+    assert summary["test_metrics"]["test/accuracy"] > 0.9  # the band of one process (tests/test_flow.py)
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "evaluation/metrics.json")).read_text())
+    assert sum(map(sum, report["confusion_matrix"])) == summary["dataset"]["split_sizes"]["test"]
+    from tests.test_flow import tb_events
+
+    assert [e.step for e in tb_events(Path(summary["tensorboard_dir"])).Scalars("train/loss")] == list(range(1, 7))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_meet_by_c10d_rendezvous(tmp_path):
+    """Two launcher processes (`torchrun --nnodes 2`), one training process each, as two machines would."""
+    folder = save_prepared(tmp_path / "data", blobs(n=1000))
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("loopback")).info.run_id
+    store_uri = (tmp_path / "store").as_uri()
+    cfg = TrainConfig.model_validate(
+        {
+            "model": {"name": "mlp", "hidden": [16]},
+            "optim": {"name": "adam", "lr": 0.01},
+            "train": {"epochs": 3, "batch_size": 64, "distributed": {"nodes": 2, "timeout": 60}},
+        }
+    )
+    port = free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id[:12]]
+    worker = ["-m", "pipelines.train_worker", "--config-json", cfg.model_dump_json(), "--run-id", run_id]
+    worker += ["--tracking-uri", tracking_uri, "--storage-uri", store_uri, "--dataset", str(folder)]
+    nodes = []
+    for node in ("a", "b"):  # each "machine" has its own state folder
+        env = {**os.environ, "TRAINYARD_HOME": str(tmp_path / node), "PYTHONPATH": str(ROOT)}
+        nodes.append(subprocess.Popen(launcher + worker, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True))
+    outputs = [proc.communicate(timeout=240)[0] for proc in nodes]
+    assert [proc.returncode for proc in nodes] == [0, 0]
+    handoffs = [json.loads(line) for out in outputs for line in out.splitlines() if line.startswith("{")]
+    assert len(handoffs) == 1 and handoffs[0]["handoff"] == f"{store_uri}/handoffs/{run_id}"  # rank 0's only
+    result = json.loads((tmp_path / "store" / "handoffs" / run_id / "result.json").read_text())
+    assert result["processes"] == 2 and result["best_metric"] >= 0.95
+    assert [m.step for m in client.get_metric_history(run_id, "val/accuracy")] == [1, 2, 3]
