@@ -15,7 +15,9 @@
 #   WORKER_NAME          worker name shown in the Prefect UI (default: $POOL-<container hostname>)
 #   TRAINYARD_GPU_CLAIM  1: before starting, claim one GPU that no other worker sharing
 #                        TRAINYARD_GPU_LOCK_DIR holds, and pin this worker and its flow
-#                        runs to it with CUDA_VISIBLE_DEVICES (see claim_gpu below)
+#                        runs to it with CUDA_VISIBLE_DEVICES (see claim_gpu below);
+#                        0 (default): claim nothing, the worker and its flow runs see every
+#                        GPU of the container (train.distributed.nproc_per_node=auto uses them all)
 set -eu
 
 ROLE_FILE=${TRAINYARD_ROLE_FILE:-/tmp/trainyard-role}
@@ -71,9 +73,14 @@ mode=${1:-worker}
 case "$mode" in
     worker)
         pool=${POOL:-cpu}
-        if [ "${TRAINYARD_GPU_CLAIM:-0}" = 1 ]; then
-            claim_gpu
-        fi
+        case "${TRAINYARD_GPU_CLAIM:-0}" in
+            1) claim_gpu ;;
+            0) ;;
+            *)
+                echo "entrypoint: TRAINYARD_GPU_CLAIM must be 1 (claim one GPU) or 0 (use all), got '$TRAINYARD_GPU_CLAIM'" >&2
+                exit 64
+                ;;
+        esac
         set -- --pool "$pool" --type "${WORKER_TYPE:-process}" \
             --name "${WORKER_NAME:-$pool-$(uname -n)}" \
             --install-policy never --with-healthcheck "$@"

@@ -18,7 +18,7 @@ INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The command line: train, predict, runs, champion, promote, deploy, config."""
+    """The command line: train, predict, runs, champion, promote, deploy, config, trainjob."""
     parser = argparse.ArgumentParser(prog="trainyard", description="Batch training pipelines for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -41,17 +41,22 @@ def _parser() -> argparse.ArgumentParser:
     dep_help = "register the deployments and work pools with the Prefect server"
     _deploy_arguments(sub.add_parser("deploy", help=dep_help, formatter_class=fmt))
     show = sub.add_parser("config", help="print a preset or file's resolved config as YAML", formatter_class=fmt)
-    show.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset")
-    show.add_argument("--config", default=None, help="YAML file")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _config_arguments(show)
+    job_help = "print the Kubeflow Trainer TrainJob of a run's training on several nodes, for kubectl apply -f"
+    job = sub.add_parser("trainjob", help=job_help, formatter_class=fmt)
+    _config_arguments(job)
+    from pipelines import trainjob
+
+    trainjob.add_arguments(job)
     return parser
 
 
-def _train_arguments(train: argparse.ArgumentParser) -> None:
-    """The options of `trainyard train`."""
-    train.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset to start from")
-    train.add_argument("--config", default=None, help="YAML file with config sections (applied after the preset)")
-    train.add_argument(
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset, --config and --set: the config of `train`, `config` and `trainjob`."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset to start from")
+    config_help = "YAML file with config sections (applied after the preset)"
+    parser.add_argument("--config", default=None, help=config_help)
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -59,6 +64,11 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one value, e.g. --set train.epochs=3 (repeatable)",
     )
+
+
+def _train_arguments(train: argparse.ArgumentParser) -> None:
+    """The options of `trainyard train`."""
+    _config_arguments(train)
     train.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     train.add_argument("--force", action="store_true", help="train even when nothing changed since the champion")
     resume_help = "continue this MLflow run from its last checkpoint"
@@ -362,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trainyard: {exc}", file=sys.stderr)
         return 2
+    if args.command == "trainjob":
+        from pipelines import trainjob
+
+        return trainjob.command(args, cfg)
     if args.command == "config" or args.dry_run:
         import yaml
 

@@ -437,6 +437,18 @@ def test_entrypoint_gpu_claim_without_gpus_fails(fake_bin, tmp_path):
     assert proc.returncode == 75 and "no GPU is visible" in proc.stderr and not out.exists()
 
 
+def test_entrypoint_gpu_claim_off_leaves_every_gpu_visible(fake_bin, tmp_path):
+    """TRAINYARD_GPU_CLAIM=0: no lock taken, CUDA_VISIBLE_DEVICES untouched (the container's GPUs, all)."""
+    locks = tmp_path / "locks"
+    env = {"TRAINYARD_GPU_CLAIM": "0", "TRAINYARD_GPU_COUNT": "2", "TRAINYARD_GPU_LOCK_DIR": str(locks), "POOL": "gpu"}
+    proc, out = run_entrypoint(fake_bin, tmp_path, "worker", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text().splitlines()[1] == "gpu=none" and not locks.exists()
+    proc, out = run_entrypoint(fake_bin, tmp_path, "worker", env={**env, "TRAINYARD_GPU_CLAIM": "yes"}, name="bad")
+    assert proc.returncode == 64 and not out.exists()
+    assert proc.stderr.strip() == "entrypoint: TRAINYARD_GPU_CLAIM must be 1 (claim one GPU) or 0 (use all), got 'yes'"
+
+
 class _Health(BaseHTTPRequestHandler):
     status = 200
 
@@ -628,7 +640,11 @@ def test_compose_services_are_wired(compose):
     gpu = s["gpu-worker"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
-    assert gpu["environment"]["TRAINYARD_GPU_CLAIM"] == "1" and gpu["environment"]["WORKER_LIMIT"] == "1"
+    gpu_env = interpolate(gpu["environment"], env)
+    assert gpu_env["TRAINYARD_GPU_CLAIM"] == "1" and gpu_env["WORKER_LIMIT"] == "1"
+    # TRAINYARD_GPU_CLAIM=0 in deploy/.env: one worker that sees every GPU (nproc_per_node=auto uses them all)
+    assert interpolate(gpu["environment"], {**env, "TRAINYARD_GPU_CLAIM": "0"})["TRAINYARD_GPU_CLAIM"] == "0"
+    assert any(d.get("count") == "all" for d in devices)
     assert gpu["profiles"] == ["gpu"]
     lock_dir = gpu["environment"]["TRAINYARD_GPU_LOCK_DIR"]
     assert any(v.endswith(f":{lock_dir}") for v in gpu["volumes"])
