@@ -61,8 +61,10 @@ def fingerprint(
     sched_cfg: ScheduleConfig,
     train_cfg: TrainSection,
     dataset_key: str,
+    processes: int = 1,
 ) -> str:
-    """What a checkpoint must match to be resumed: the data and every setting that shapes training."""
+    """What a checkpoint must match to be resumed: the data and every setting that shapes training
+    (`processes`: how many train, which counts only where it sets the global batch)."""
     parts = {
         "data": dataset_key,
         "model": model_cfg.model_dump(mode="json"),
@@ -70,10 +72,14 @@ def fingerprint(
         "schedule": sched_cfg.model_dump(mode="json"),
         "train": train_cfg.model_dump(mode="json", exclude=_EXECUTION_ONLY | {"distributed"}),
     }
-    # How many processes train and where they meet may change on a resume (the global batch is what the
-    # optimiser sees); a per-process batch changes that batch, so it counts.
+    # With a global batch, how many processes train and where they meet may change on a resume: the
+    # optimiser sees the same batches. With a per-process batch the number of processes sets the global
+    # batch and the learning rate, so it counts.
     if train_cfg.distributed.batch != "global":
-        parts["distributed"] = train_cfg.distributed.model_dump(mode="json", include={"batch", "lr_scaling"})
+        parts["distributed"] = {
+            **train_cfg.distributed.model_dump(mode="json", include={"batch", "lr_scaling"}),
+            "processes": processes,
+        }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

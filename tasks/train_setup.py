@@ -186,7 +186,7 @@ def setup(
     epochs = epochs_for(train_cfg, len(source.train))
     classification = schema["task"] == "classification"
     maximize = classification and train_cfg.monitor == "auto"  # accuracy; else the loss, minimised
-    run_fingerprint = fingerprint(model_cfg, optim_cfg, sched_cfg, train_cfg, schema.get("key", ""))
+    run_fingerprint = fingerprint(model_cfg, optim_cfg, sched_cfg, train_cfg, schema.get("key", ""), size)
     optim_cfg, sched_cfg = scaled_lr(optim_cfg, sched_cfg, train_cfg.distributed.lr_factor(size))
     optimizer = build_optimizer(model.parameters(), optim_cfg, device)
     run = Run(

@@ -130,12 +130,13 @@ def test_where_the_processes_meet_does_not_change_what_a_checkpoint_resumes():
 
     plain = TrainConfig()
 
-    def key(**distributed):
+    def key(processes=1, **distributed):
         train = plain.train.model_copy(update={"distributed": plain.train.distributed.model_copy(update=distributed)})
-        return fingerprint(plain.model, plain.optim, plain.schedule, train, "k")
+        return fingerprint(plain.model, plain.optim, plain.schedule, train, "k", processes)
 
-    assert key() == key(rdzv_id="x", nproc_per_node=4, max_restarts=2, timeout=60.0)
-    assert key() != key(batch="per_process")  # a per-process batch is another global batch
+    assert key() == key(4, rdzv_id="x", nproc_per_node=4, max_restarts=2, timeout=60.0)  # the same global batch
+    assert key(2, batch="per_process") != key(4, batch="per_process")  # a per-process batch: another global one
+    assert key(2, batch="per_process") != key(2)
 
 
 # ---- processes through the launcher ---------------------------------------------------------------------
