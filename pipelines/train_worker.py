@@ -14,8 +14,11 @@ restarted group resumes from them) and leaves the best checkpoint and the result
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,12 +26,47 @@ from pydantic import ValidationError
 
 from pipelines.config import TrainConfig, _format_validation_error, state_dir
 from pipelines.context import RunContext, store_for
-from pipelines.remote import publish_handoff
+from pipelines.remote import _take_handoff, handoff_prefix, publish_handoff
 from pipelines.training import rank_job, resume_point, shared_store
-from tasks.errors import TrainyardError
+from tasks.errors import ConfigError, TrainyardError
 from tasks.ingest import fetch_prepared
-from tasks.launch import configure_rank_logging
+from tasks.launch import LaunchPlan, configure_rank_logging, launch
+from tasks.results import DatasetRef, TrainResult
 from tasks.train_rank import train_rank
+
+log = logging.getLogger("trainyard.train")
+
+
+def train_and_hand_off(cfg: TrainConfig, ctx: RunContext, dataset_path: str) -> TrainResult | None:
+    """One process of a group of several nodes: train; rank 0 leaves the handoff in the store."""
+    result = train_rank(rank_job(cfg, ctx, dataset_path))
+    if result is not None:
+        publish_handoff(store_for(cfg, ctx.storage_uri), ctx, result)
+    return result
+
+
+def node_command(plan: LaunchPlan, cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> list[str]:
+    """What each other node runs to join this node's group at the rendezvous endpoint."""
+    launcher = ["torchrun", "--nnodes", str(plan.nodes), "--nproc-per-node", str(plan.nproc)]
+    launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", plan.endpoint, "--rdzv-id", plan.rdzv_id]
+    launcher += ["--max-restarts", str(plan.max_restarts), "-m", "pipelines.train_worker"]
+    args = ["--config-json", cfg.model_dump_json(), "--run-id", ctx.run_id, "--tracking-uri", ctx.tracking_uri]
+    return launcher + args + ["--storage-uri", ctx.storage_uri, "--dataset-key", dataset.key]
+
+
+def join_nodes(plan: LaunchPlan, cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult:
+    """Start this node's processes of a group of `plan.nodes` nodes meeting at `plan.endpoint`, wait for the
+    whole group, and take rank 0's handoff from the shared store (rank 0 may be on another node)."""
+    store = store_for(cfg, ctx.storage_uri)
+    if not store.remote:
+        raise ConfigError(
+            f"train.distributed.nodes={plan.nodes} shares the dataset and the result through the artifact store: "
+            f"set storage.uri to an s3:// store every node reaches, not {store.uri}"
+        )
+    command = shlex.join(node_command(plan, cfg, ctx, dataset))
+    log.info("waiting at %s for the other nodes; start each with: %s", plan.endpoint, command)
+    launch(plan, functools.partial(train_and_hand_off, cfg, ctx), dataset.path)
+    return _take_handoff(store, f"rendezvous {plan.endpoint}", ctx)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.dataset) if args.dataset else fetch_prepared(store, args.dataset_key, ctx.state)
         if rank == 0:  # a group restarted on another machine resumes from the checkpoints in the store
             resume_point(ctx, shared_store(cfg, ctx))
-        result = train_rank(rank_job(cfg, ctx, str(folder)))
+        result = train_and_hand_off(cfg, ctx, str(folder))
         if result is not None:
-            print(json.dumps({"handoff": publish_handoff(store, ctx, result), "best_epoch": result.best_epoch}))
+            handoff = f"{store.uri}/{handoff_prefix(ctx.run_id)}"
+            print(json.dumps({"handoff": handoff, "best_epoch": result.best_epoch}))
     except TrainyardError as exc:  # one line; the launcher reports the failed process and ends the others
         print(f"trainyard train worker (rank {rank}): {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

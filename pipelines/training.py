@@ -7,7 +7,8 @@ run can resume on another worker.
 One training process is the plain path: `train_model` in this process. Several on this node
 (train.distributed.nproc_per_node) are started by PyTorch's elastic launcher (tasks/launch.py); their
 rank 0 logs to MLflow and TensorBoard and writes the checkpoints, through `rank0_hooks`. Several
-nodes train as a Kubeflow Trainer TrainJob (pipelines/trainjob.py).
+nodes train as a Kubeflow Trainer TrainJob (pipelines/trainjob.py), or, with train.distributed.rdzv_endpoint,
+as a group this node joins at that endpoint and the other nodes join with `torchrun` (pipelines/train_worker.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import yaml
 from pipelines.config import TrainConfig
 from pipelines.context import RunContext, store_for, trackers
 from tasks import keys, tracking
+from tasks.budget import process_batch
 from tasks.checkpoint import fetch_checkpoint, load_weights, publish_checkpoint
 from tasks.evaluate import evaluate_model
 from tasks.launch import LaunchPlan, launch, processes_per_node
@@ -104,23 +106,35 @@ def _train_here(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> Train
         )
 
 
+def _check_batch(cfg: TrainConfig, processes: int) -> None:
+    """An explicit global batch must divide among the processes: refused here, before any starts."""
+    if cfg.train.batch_size != "auto":
+        process_batch(cfg.train.batch_size, processes, cfg.train.distributed.batch == "per_process", True)
+
+
 def _train_launched(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult:
     """Several processes on this node, started by the elastic launcher; rank 0 resumes from a `last.pt`
-    left here or in the shared store, after a restart of the group too."""
-    resume_point(ctx, shared_store(cfg, ctx))
+    left here or in the shared store, after a restart of the group too. With several nodes meeting at
+    train.distributed.rdzv_endpoint, rank 0 may run on another node: the result comes as its handoff."""
     plan = LaunchPlan.of(cfg.train.distributed, cfg.train.device, ctx.run_id, ctx.run_dir / "launch")
-    return launch(plan, train_rank, rank_job(cfg, ctx, dataset.path))
+    _check_batch(cfg, plan.world_size)
+    resume_point(ctx, shared_store(cfg, ctx))
+    if plan.nodes == 1:
+        return launch(plan, train_rank, rank_job(cfg, ctx, dataset.path))
+    from pipelines import train_worker
+
+    return train_worker.join_nodes(plan, cfg, ctx, dataset)
 
 
 def train(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult:
     """Train on the prepared dataset, logging each epoch to MLflow and TensorBoard: in this process, in
     several started here (train.distributed.nproc_per_node), or on several nodes (train.distributed.nodes)."""
     section = cfg.train.distributed
-    if section.nodes > 1:
+    if section.nodes > 1 and not section.rdzv_endpoint:
         from pipelines.trainjob import train_on_trainjob
 
         result = train_on_trainjob(cfg, ctx, dataset, os.environ.get("TRAINYARD_IMAGE", ""))
-    elif processes_per_node(section, cfg.train.device) > 1:
+    elif section.nodes > 1 or processes_per_node(section, cfg.train.device) > 1:
         result = _train_launched(cfg, ctx, dataset)
     else:
         result = _train_here(cfg, ctx, dataset)

@@ -30,17 +30,21 @@ class DistributedSection(Section):
         ge=1,
         le=1024,
         title="Nodes",
-        description="Machines training together; more than one trains as a Kubeflow Trainer TrainJob on "
-        "Kubernetes, or under torchrun on each node (deploy/README.md).",
+        description="Machines training together: more than one trains as a Kubeflow Trainer TrainJob on "
+        "Kubernetes, or, with train.distributed.rdzv_endpoint, as a group the train step's node joins there and "
+        "the other nodes join with torchrun (deploy/README.md). Needs an s3:// storage.uri.",
     )
     rdzv_endpoint: str = Field(
         "",
         title="Rendezvous endpoint",
-        description="host:port where the nodes meet (c10d rendezvous); empty on one node: a standalone "
-        "rendezvous on a free local port.",
+        description="host:port where several nodes meet (c10d rendezvous): the train step's node waits there "
+        "for the others, whose torchrun command it logs. Empty: one node meets on a free local port; several "
+        "train as a TrainJob.",
     )
     rdzv_id: str = Field(
-        "", title="Rendezvous id", description="The id the nodes of one training share; empty: the MLflow run id."
+        "",
+        title="Rendezvous id",
+        description="The id the processes of one training meet under; empty: the MLflow run id.",
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         "auto", title="Backend", description="Collective backend; auto: nccl on CUDA, gloo on the CPU."

@@ -77,3 +77,56 @@ def test_two_nodes_on_loopback_meet_by_c10d_rendezvous(tmp_path):
     result = json.loads((tmp_path / "store" / "handoffs" / run_id / "result.json").read_text())
     assert result["processes"] == 2 and result["best_metric"] >= 0.95
     assert [m.step for m in client.get_metric_history(run_id, "val/accuracy")] == [1, 2, 3]
+
+
+def test_the_train_step_joins_a_group_of_nodes_at_the_rendezvous_endpoint(tmp_path):
+    """With train.distributed.rdzv_endpoint the step's node waits there; another node joins with the command
+    it logs (here: `torchrun` on loopback, its own state folder); rank 0's result comes back through S3."""
+    from pipelines.context import RunContext, store_for
+    from pipelines.train_worker import node_command
+    from pipelines.training import train
+    from tasks.launch import LaunchPlan
+    from tasks.prepared import SCHEMA_FILE, TENSORS_FILE
+    from tasks.results import DatasetRef
+    from tests.services import s3_endpoint
+
+    with s3_endpoint("shared") as s3:
+        folder = save_prepared(tmp_path / "a" / "datasets" / "blobs", blobs(n=1000))
+        tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        client = MlflowClient(tracking_uri)
+        run_id = client.create_run(client.create_experiment("nodes")).info.run_id
+        distributed = {"nodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}", "timeout": 60}
+        cfg = TrainConfig.model_validate(
+            {
+                "model": {"name": "mlp", "hidden": [16]},
+                "optim": {"name": "adam", "lr": 0.01},
+                "train": {"epochs": 3, "batch_size": 64, "distributed": distributed},
+                "storage": {"uri": "s3://shared/trainyard", "endpoint_url": s3.url},
+                "tracking": {"tensorboard": False},
+            }
+        )
+        ctx = RunContext(
+            run_id,
+            "nodes",
+            tmp_path / "a" / "run",
+            tmp_path / "a" / "tb",
+            tracking_uri,
+            cfg.storage.uri,
+            tmp_path / "a",
+        )
+        store = store_for(cfg, ctx.storage_uri)
+        store.publish("datasets/blobs", {name: str(folder / name) for name in (TENSORS_FILE, SCHEMA_FILE)})
+        dataset = DatasetRef("blobs", str(folder), "", "tensors", "classification", {}, reused=True)
+        plan = LaunchPlan.of(cfg.train.distributed, "cpu", run_id, tmp_path)
+        other = [sys.executable, "-m", "torch.distributed.run", *node_command(plan, cfg, ctx, dataset)[1:]]
+        env = {**os.environ, "TRAINYARD_HOME": str(tmp_path / "b"), "PYTHONPATH": str(ROOT)}
+        node_b = subprocess.Popen(other, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            result = train(cfg, ctx, dataset)
+        finally:
+            out = node_b.communicate(timeout=240)[0]
+    assert node_b.returncode == 0
+    assert result.processes == 2 and result.best_metric >= 0.95 and Path(result.checkpoint).is_file()
+    assert client.get_run(run_id).data.tags["train.processes"] == "2"
+    assert [m.step for m in client.get_metric_history(run_id, "val/accuracy")] == [1, 2, 3]
+    assert len([line for line in out.splitlines() if line.startswith("{")]) <= 1
