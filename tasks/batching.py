@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from tasks.data import Normalize, TensorSplit, make_loader, order_generator
-from tasks.distributed import World, padded_order, stride_rows
+from tasks.distributed import World, padded_order, rank_seed, stride_rows
 from tasks.errors import TrainingError
 from tasks.prepared import Prepared
 from tasks.train_config import TrainSection
@@ -310,7 +310,7 @@ def make_batches(
         val = (val[0][rows].contiguous(), val[1][rows].contiguous())
     shift = _shift_pixels(train_cfg, train[0])
     aug_gen = torch.Generator(device=device)
-    aug_gen.manual_seed(train_cfg.seed + 1)
+    aug_gen.manual_seed(rank_seed(train_cfg.seed, world) + 1)
     normalize = Normalize.of(prepared.schema, train[0].dim() - 1, device)
     prep = BatchPrep(normalize, device, channels_last=channels_last, shift=shift, generator=aug_gen)
     needed = nbytes(*train, *val)

@@ -101,6 +101,12 @@ class World:
             whole[rank :: self.size] = got[:rows].cpu()
         return whole
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (each process's random generator states, say)."""
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
     def share(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (a checkpoint read by rank 0 alone, say)."""
         box = [obj if self.main else None]
@@ -110,6 +116,12 @@ class World:
     def leave(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def rank_seed(seed: int, world: World | None) -> int:
+    """The seed of a rank's own random draws (dropout, augmentation): rank 0 keeps `seed`, as one process
+    would; the others draw their own, so that their masks and shifts differ."""
+    return seed if world is None else seed + 7919 * world.rank
 
 
 def stride_rows(n: int, world: World | None) -> slice:

@@ -31,7 +31,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from tasks.budget import stop_reason
-from tasks.checkpoint import atomic_save, best_payload, resume_payload
+from tasks.checkpoint import atomic_save, best_payload, resume_payload, rng_states
 from tasks.distributed import World, whole_split
 from tasks.errors import TrainingError
 from tasks.forward import batch_loss, evaluate_split, fit_loss, val_metric
@@ -167,7 +167,10 @@ def _keep(run: Run, epoch: int, value: float, model_cfg: ModelConfig, path: Path
 
 
 def _save_resume(run: Run, epoch: int, metrics: dict[str, float], path: Path) -> bool:
-    """Write `last.pt` (rank 0 alone; every process's generators are in the same state); whether written."""
+    """Write `last.pt` (rank 0 alone, with every rank's generator states); whether this process wrote it."""
+    ranks = None
+    if run.world is not None:  # every rank takes part
+        ranks = run.world.gather_objects({"rng": rng_states(run.device), "batch_rng": run.source.rng_state()})
     if not run.main:
         return False
     payload = resume_payload(
@@ -184,6 +187,8 @@ def _save_resume(run: Run, epoch: int, metrics: dict[str, float], path: Path) ->
         device=run.device,
         batch_rng=run.source.rng_state(),
     )
+    if ranks is not None:
+        payload["rank_rng"] = ranks
     atomic_save(payload, path)
     return True
 

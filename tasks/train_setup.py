@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from models.config import ModelConfig
 from tasks.batching import Batches, make_batches
 from tasks.budget import batch_size_for, epochs_for, process_batch
-from tasks.checkpoint import fingerprint, load_resume_checkpoint, restore_resume_state
-from tasks.distributed import World
+from tasks.checkpoint import fingerprint, load_resume_checkpoint, restore_resume_state, set_rng_states
+from tasks.distributed import World, rank_seed
 from tasks.errors import TrainingError
 from tasks.forward import batch_loss
 from tasks.graphstep import GraphedStep
@@ -134,6 +134,10 @@ def _resume(run: Run, path: str | os.PathLike | None) -> None:
             f"checkpoint {path or 'of rank 0'} does not fit this run's batches ({exc}); resume with the "
             "train.distributed.nproc_per_node and nodes it was written with"
         ) from None
+    if run.world is not None and len(ck.get("rank_rng", [])) == run.world.size:  # each rank's own draws
+        own = ck["rank_rng"][run.world.rank]
+        set_rng_states(own["rng"], run.device)
+        run.source.set_rng_state(own["batch_rng"])
     run.first_epoch = ck["epoch"] + 1
     log.info("resuming from %s after epoch %d", path, ck["epoch"])
 
@@ -170,7 +174,8 @@ def setup(
     With a `world` (one of several processes) the model is wrapped in DistributedDataParallel once it is
     on its device, each process takes its share of every batch and its stride of the validation split,
     and rank 0 alone writes. Every process seeds alike: the same initial weights (DDP also broadcasts
-    rank 0's), the same epoch order (of which each keeps its stride) and the same random draws.
+    rank 0's) and the same epoch order (of which each keeps its stride); then each rank draws its own
+    dropout masks and shifts (tasks/distributed.py rank_seed), whose states every checkpoint keeps.
     """
     if train_cfg.cuda_graph and (reason := cuda_graph_refusal(optim_cfg, sched_cfg, train_cfg)):
         raise TrainingError(reason)  # on any device, before any work
@@ -179,6 +184,8 @@ def setup(
     device = world.device if world is not None else pick_device(train_cfg.device)
     precision = pick_precision(train_cfg.precision, device)
     model, forward, channels_last = _placed(model_cfg, schema, train_cfg, device, world)
+    if world is not None and world.rank:  # the same initial weights, then draws of its own (dropout)
+        seed_everything(rank_seed(train_cfg.seed, world))
     size = world.size if world is not None else 1
     batch_size = _process_batch_size(train_cfg, int(prepared.tensors["y_train"].shape[0]), size)
     sized = train_cfg.model_copy(update={"batch_size": batch_size})  # what the batches and a CUDA graph read

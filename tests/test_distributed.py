@@ -176,6 +176,8 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_ends_with_the_same_weights(t
     assert attempts == {"attempt_0", "attempt_1"}, "the group was not restarted"
     assert load_weights(tmp_path / "cut" / "last.pt")["epoch"] == 4
     assert same_weights(tmp_path / "whole" / "last.pt", tmp_path / "cut" / "last.pt")
+    ranks = load_weights(tmp_path / "whole" / "last.pt")["rank_rng"]  # each rank's own dropout draws, restored
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
     assert [h["train/loss"] for h in cut.history] == [h["train/loss"] for h in whole.history]
 
 
