@@ -3,7 +3,7 @@
 # Needs torch, numpy, pandas, pyarrow, torchmetrics, pyyaml, scikit-learn and pydantic (not
 # prefect or mlflow). Wheels in .whl/ are installed to /tmp/site first. MNIST_ROOT names the
 # folder with the t10k files (default ../shared/data/mnist). JSON lines go to stdout and,
-# when $OUT is set, to $OUT/bench.jsonl. Expected about 6 minutes; the per-step caps add up to 9.7.
+# when $OUT is set, to $OUT/bench.jsonl. Expected about 7 minutes; the per-step caps add up to 11.7.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -26,6 +26,10 @@ $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torc
 step "tests on CUDA (train, models, fast path, CUDA graph step)"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_fastpath.py tests/test_graphstep.py tests/test_train.py \
   tests/test_models.py 2>&1 | tail -15
+
+step "DDP on CUDA: world size 1 through the elastic launcher with NCCL against the plain path"
+timeout 60 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_distributed.py -k nccl 2>&1 | tail -5
+timeout 60 $PY benchmarks/ddp_scaling.py --quick | tee -a "$JSONL"
 
 step train_throughput
 timeout 130 $PY benchmarks/train_throughput.py --n 60000 --no-compile | tee -a "$JSONL"

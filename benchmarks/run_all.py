@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["train_throughput", "mnist_fast", "csv_ingest", "end_to_end", "predict"]
+BENCHMARKS = ["train_throughput", "mnist_fast", "csv_ingest", "end_to_end", "predict", "ddp_scaling"]
 NEEDS_SERVICES = {"end_to_end", "predict"}  # prefect and mlflow
 
 
