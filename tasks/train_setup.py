@@ -145,11 +145,14 @@ def _resume(run: Run, path: str | os.PathLike | None) -> None:
 def _placed(
     model_cfg: ModelConfig, schema: dict[str, Any], train_cfg: TrainSection, device: torch.device, world: World | None
 ) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], bool]:
-    """(the model on its device, what the training step calls: compiled and/or DDP-wrapped, channels_last)."""
+    """(the model on its device, what the training step calls: compiled and/or DDP-wrapped, channels_last);
+    with a `world`, ranks above 0 reseed their own random draws once the weights are built."""
     model, channels_last = place_model(model_cfg, schema, device)
     forward = _compiled(model, train_cfg) if train_cfg.compile else model
     if world is not None:  # after the move to the device; gradients are averaged over the processes
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world.rank:  # the same initial weights as rank 0, then draws of its own (dropout)
+            seed_everything(rank_seed(train_cfg.seed, world))
     return model, forward, channels_last
 
 
@@ -184,8 +187,6 @@ def setup(
     device = world.device if world is not None else pick_device(train_cfg.device)
     precision = pick_precision(train_cfg.precision, device)
     model, forward, channels_last = _placed(model_cfg, schema, train_cfg, device, world)
-    if world is not None and world.rank:  # the same initial weights, then draws of its own (dropout)
-        seed_everything(rank_seed(train_cfg.seed, world))
     size = world.size if world is not None else 1
     batch_size = _process_batch_size(train_cfg, int(prepared.tensors["y_train"].shape[0]), size)
     sized = train_cfg.model_copy(update={"batch_size": batch_size})  # what the batches and a CUDA graph read
