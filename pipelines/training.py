@@ -32,8 +32,7 @@ from tasks.launch import LaunchPlan, launch, processes_per_node
 from tasks.prepared import load_prepared
 from tasks.results import DatasetRef, Evaluation, TrainResult
 from tasks.storage import ArtifactStore
-from tasks.train import train_model
-from tasks.train_rank import RankHooks, RankJob, train_rank
+from tasks.train_rank import RankHooks, RankJob, run_job, train_rank
 
 log = logging.getLogger("trainyard.flow")
 
@@ -93,17 +92,7 @@ def _train_here(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> Train
     prepared = load_prepared(dataset.path)
     resume_from = resume_point(ctx, shared_store(cfg, ctx))
     with rank0_hooks(cfg, ctx, resume_from) as hooks:
-        return train_model(
-            prepared,
-            cfg.model,
-            cfg.optim,
-            cfg.schedule,
-            cfg.train,
-            ctx.checkpoint_dir,
-            on_epoch=hooks.on_epoch,
-            resume_from=resume_from,
-            on_checkpoint=hooks.on_checkpoint,
-        )
+        return run_job(rank_job(cfg, ctx, dataset.path), prepared, hooks, resume_from)
 
 
 def _check_batch(cfg: TrainConfig, processes: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from models.config import ModelConfig
 from tasks.distributed import World
 from tasks.optim_config import OptimConfig, ScheduleConfig
-from tasks.prepared import load_prepared
+from tasks.prepared import Prepared, load_prepared
 from tasks.results import TrainResult
 from tasks.runtime import pick_device
 from tasks.train import EpochCallback, train_model
@@ -58,6 +58,24 @@ def _no_hooks(resume_from: Path | None) -> AbstractContextManager[RankHooks]:
     return contextlib.nullcontext(RankHooks())
 
 
+def run_job(
+    job: RankJob, prepared: Prepared, hooks: RankHooks, resume_from: Path | None, world: World | None = None
+) -> TrainResult:
+    """`train_model` as the job says, reporting through `hooks`: one process's, or one rank's of several."""
+    return train_model(
+        prepared,
+        job.model,
+        job.optim,
+        job.schedule,
+        job.train,
+        job.out_dir,
+        on_epoch=hooks.on_epoch,
+        resume_from=resume_from,
+        on_checkpoint=hooks.on_checkpoint,
+        world=world,
+    )
+
+
 def train_rank(job: RankJob) -> TrainResult | None:
     """Train as one process of the group; rank 0's result (None on the other ranks)."""
     section = job.train.distributed
@@ -68,18 +86,7 @@ def train_rank(job: RankJob) -> TrainResult | None:
         resume_from = last if world.main and last.is_file() else None
         hooks = (job.hooks or _no_hooks) if world.main else _no_hooks
         with hooks(resume_from) as rank_hooks:
-            result = train_model(
-                prepared,
-                job.model,
-                job.optim,
-                job.schedule,
-                job.train,
-                job.out_dir,
-                on_epoch=rank_hooks.on_epoch,
-                resume_from=resume_from,
-                on_checkpoint=rank_hooks.on_checkpoint,
-                world=world,
-            )
+            result = run_job(job, prepared, rank_hooks, resume_from, world)
         return result if world.main else None
     finally:
         world.leave()

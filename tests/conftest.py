@@ -158,7 +158,7 @@ def crash_training_once(monkeypatch, at_epoch: int, lose=None) -> list:
     """Make the flow's first training attempt fail after epoch `at_epoch` (its checkpoint written),
     as a lost worker would; `lose()` runs first (e.g. to delete that worker's files). Returns the
     `resume_from` of every attempt, in order."""
-    import pipelines.training as training
+    import tasks.train_rank as training  # the train step's call of train_model (run_job), one process or several
 
     real, calls = training.train_model, []
 

@@ -87,7 +87,7 @@ def test_sigkill_mid_epoch_then_same_run_name_resumes(toy_csv, tmp_path):
 
 
 def test_a_prefect_flow_retry_resumes_from_the_checkpoint(toy_csv, state_home, monkeypatch, tmp_path):
-    import pipelines.training as training
+    import tasks.train_rank as training
     from pipelines.flow import train_flow
 
     cfg = load_config("csv", overrides=[f"data.path={toy_csv}", *SETTINGS, "train.epochs=6", "train.batch_size=16"])

@@ -121,7 +121,7 @@ def test_flow_against_mlflow_server_and_s3_with_champion(toy_csv, s3, mlflow_uri
 
 
 def test_wrong_bucket_fails_before_training(toy_csv, s3, mlflow_uri, monkeypatch):
-    import pipelines.training as training
+    import tasks.train_rank as training
     from pipelines.flow import train_flow
 
     experiment = f"svc-{uuid.uuid4().hex[:8]}"
