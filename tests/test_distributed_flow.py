@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -130,3 +131,38 @@ def test_the_train_step_joins_a_group_of_nodes_at_the_rendezvous_endpoint(tmp_pa
     assert client.get_run(run_id).data.tags["train.processes"] == "2"
     assert [m.step for m in client.get_metric_history(run_id, "val/accuracy")] == [1, 2, 3]
     assert len([line for line in out.splitlines() if line.startswith("{")]) <= 1
+
+
+def _processes_with(home: Path) -> list[int]:
+    """The processes whose environment names `home` as TRAINYARD_HOME (a run's launcher and its workers)."""
+    marker = f"TRAINYARD_HOME={home}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours
+            continue
+    return found
+
+
+@pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_of_the_launching_process_ends_every_training_process(toy_csv, tmp_path, sig):
+    from tests.conftest import cli_env, train_argv
+
+    home = tmp_path / "home"
+    settings = [f"data.path={toy_csv}", "data.target=label", "data.drop=[id]", "train.epochs=500"]
+    args = train_argv(*settings, "train.early_stopping=0", "train.distributed.nproc_per_node=2")
+    proc = subprocess.Popen(args, env=cli_env(home, harness_api=True), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # rank 0's epochs: both processes are training
+        if "[rank 0]: epoch 2/" in line:
+            break
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(sig)
+    proc.stderr.read()
+    assert proc.wait(timeout=120) == 130
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("trainyard").experiment_id])
+    assert run.info.status == "KILLED"
+    assert _processes_with(home) == []  # no training process left behind
