@@ -32,6 +32,11 @@ def tensorboard_files(folder: Path) -> dict[str, str]:
     return {f"tensorboard/{p.relative_to(folder).as_posix()}": str(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def hparams(cfg: TrainConfig) -> dict[str, str | int | float | bool]:
+    """The flattened config as TensorBoard's HParams take it: scalar values (lists and dicts as JSON), no None."""
+    return {key: value for key, value in cfg.flat().items() if isinstance(value, (str, int, float, bool))}
+
+
 def store_artifacts(
     cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, result: TrainResult, evaluation: Evaluation
 ) -> StoredUnit:
@@ -63,13 +68,15 @@ def log_reports(
     cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, evaluation: Evaluation, stored: StoredUnit, step: int
 ) -> None:
     """Test metrics and the confusion matrix to MLflow and TensorBoard at `step` (the last epoch trained:
-    train.min_steps and early stopping make it differ from train.epochs); reports, config and schema to MLflow."""
+    train.min_steps and early stopping make it differ from train.epochs), and to TensorBoard's HParams with the
+    config; reports, config and schema to MLflow."""
     config_path = ctx.run_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
     with trackers(cfg, ctx) as tracker:
         tracker.log_metrics(evaluation.metrics, step=step)
         if CONFUSION_PNG in evaluation.files:
             tracker.log_image(keys.CONFUSION_MATRIX_IMAGE, evaluation.files[CONFUSION_PNG], step=step)
+        tracker.log_hparams(hparams(cfg), evaluation.metrics)  # the dashboard lines runs up by config and metrics
     reports = {role: path for role, path in evaluation.files.items() if role != CONFUSION_PNG}
     tracking.log_artifacts(ctx.tracking_uri, ctx.run_id, reports, artifact_path="evaluation")
     extra = {"config": str(config_path), "schema": str(Path(dataset.path) / SCHEMA_FILE)}

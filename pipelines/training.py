@@ -27,11 +27,13 @@ from pipelines.context import RunContext, store_for, trackers
 from tasks import keys, tracking
 from tasks.budget import process_batch
 from tasks.checkpoint import fetch_checkpoint, load_weights, publish_checkpoint
+from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_model
 from tasks.launch import LaunchPlan, launch, processes_per_node
 from tasks.prepared import load_prepared
 from tasks.results import DatasetRef, Evaluation, TrainResult
 from tasks.storage import ArtifactStore
+from tasks.train import EpochCallback, ModelCallback
 from tasks.train_rank import RankHooks, RankJob, run_job, train_rank
 
 log = logging.getLogger("trainyard.flow")
@@ -68,17 +70,37 @@ def _uploader(ctx: RunContext, shared: ArtifactStore | None) -> Callable[[Path],
     return upload
 
 
+def _histograms(cfg: TrainConfig, tracker: tracking.Tracker) -> ModelCallback | None:
+    """Weight and gradient histograms to TensorBoard every tracking.histogram_every epochs; None when 0."""
+    every = cfg.tracking.histogram_every
+    if not every:
+        return None
+
+    def histograms(epoch: int, model) -> None:
+        if epoch % every == 0:
+            tracker.log_histograms(model, epoch)
+
+    return histograms
+
+
 @contextlib.contextmanager
 def rank0_hooks(cfg: TrainConfig, ctx: RunContext, resume_from: Path | None) -> Iterator[RankHooks]:
-    """What the writing process does besides training: each epoch to MLflow and TensorBoard (the config
-    too, on a new run), each `last.pt` to the shared store; picklable as a partial, for a launched rank 0."""
+    """What the writing process does besides training: each epoch to MLflow and TensorBoard (the config and
+    the model's graph too, on a new run; histograms as tracking.histogram_every says), each `last.pt` to the
+    shared store; picklable as a partial, for a launched rank 0."""
     shared = shared_store(cfg, ctx)
     if resume_from is not None:
         _note_resume(ctx, resume_from)
     with trackers(cfg, ctx) as tracker:
-        if resume_from is None:  # TensorBoard shows the config beside the curves; MLflow has it as params
+        new = resume_from is None  # a resumed run's folder has the config and the graph already
+        if new:  # TensorBoard shows the config beside the curves; MLflow has it as params
             tracker.log_text("config", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        yield RankHooks(lambda epoch, metrics: tracker.log_metrics(metrics, epoch), _uploader(ctx, shared))
+        yield RankHooks(
+            lambda epoch, metrics: tracker.log_metrics(metrics, epoch),
+            _uploader(ctx, shared),
+            on_start=tracker.log_graph if new and cfg.tracking.tensorboard else None,
+            on_epoch_model=_histograms(cfg, tracker),
+        )
 
 
 def rank_job(cfg: TrainConfig, ctx: RunContext, prepared_path: str) -> RankJob:
@@ -87,12 +109,23 @@ def rank_job(cfg: TrainConfig, ctx: RunContext, prepared_path: str) -> RankJob:
     return RankJob(prepared_path, cfg.model, cfg.optim, cfg.schedule, cfg.train, str(ctx.checkpoint_dir), hooks)
 
 
-def _train_here(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult:
-    """The plain path: one process, this one."""
+def _train_here(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, observe: EpochCallback | None) -> TrainResult:
+    """The plain path: one process, this one; `observe(epoch, metrics)` after each epoch's reports."""
     prepared = load_prepared(dataset.path)
     resume_from = resume_point(ctx, shared_store(cfg, ctx))
     with rank0_hooks(cfg, ctx, resume_from) as hooks:
+        if observe is not None:
+            hooks.on_epoch = _both(hooks.on_epoch, observe)
         return run_job(rank_job(cfg, ctx, dataset.path), prepared, hooks, resume_from)
+
+
+def _both(first: EpochCallback | None, then: EpochCallback) -> EpochCallback:
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if first is not None:
+            first(epoch, metrics)
+        then(epoch, metrics)
+
+    return on_epoch
 
 
 def _check_batch(cfg: TrainConfig, processes: int) -> None:
@@ -115,10 +148,16 @@ def _train_launched(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> T
     return train_worker.join_nodes(plan, cfg, ctx, dataset)
 
 
-def train(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult:
+def train(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, observe: EpochCallback | None = None) -> TrainResult:
     """Train on the prepared dataset, logging each epoch to MLflow and TensorBoard: in this process, in
-    several started here (train.distributed.nproc_per_node), or on several nodes (train.distributed.nodes)."""
+    several started here (train.distributed.nproc_per_node), or on several nodes (train.distributed.nodes).
+    `observe(epoch, metrics)` (one process only: a sweep's pruning) sees each epoch after its reports."""
     section = cfg.train.distributed
+    if observe is not None and not section.single:
+        raise ConfigError(
+            "a run observed epoch by epoch (a sweep's trial) trains in one process: set "
+            "train.distributed.nproc_per_node=1 and nodes=1"
+        )
     if section.nodes > 1 and not section.rdzv_endpoint:
         from pipelines.trainjob import train_on_trainjob
 
@@ -126,7 +165,7 @@ def train(cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef) -> TrainResult
     elif section.nodes > 1 or processes_per_node(section, cfg.train.device) > 1:
         result = _train_launched(cfg, ctx, dataset)
     else:
-        result = _train_here(cfg, ctx, dataset)
+        result = _train_here(cfg, ctx, dataset, observe)
     tags = {
         keys.TRAIN_DEVICE: result.device,
         keys.TRAIN_PRECISION: result.precision,

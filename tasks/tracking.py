@@ -8,10 +8,13 @@ the start-up tuning (pipelines/startup.py) passes in its faster variants where i
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
+import os
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,12 @@ class Tracker:
     def log_image(self, tag: str, png_path: str, step: int = 0) -> None: ...
 
     def log_text(self, tag: str, text: str) -> None: ...
+
+    def log_graph(self, model: Any, example: Any) -> None: ...
+
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
+
+    def log_histograms(self, model: Any, step: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -58,6 +67,18 @@ class MultiTracker(Tracker):
         for t in self.trackers:
             t.log_text(tag, text)
 
+    def log_graph(self, model, example):
+        for t in self.trackers:
+            t.log_graph(model, example)
+
+    def log_hparams(self, hparams, metrics):
+        for t in self.trackers:
+            t.log_hparams(hparams, metrics)
+
+    def log_histograms(self, model, step):
+        for t in self.trackers:
+            t.log_histograms(model, step)
+
     def close(self):
         errors = []
         for t in self.trackers:
@@ -70,7 +91,7 @@ class MultiTracker(Tracker):
 
 
 class TensorBoardTracker(Tracker):
-    """SummaryWriter with buffered writes: events are flushed every 30 s and on close."""
+    """SummaryWriter with buffered writes (flushed every 30 s and on close); the graph, HParams, histograms too."""
 
     def __init__(self, log_dir: str | Path):
         from torch.utils.tensorboard import SummaryWriter
@@ -90,6 +111,28 @@ class TensorBoardTracker(Tracker):
 
     def log_text(self, tag, text):
         self.writer.add_text(tag, text)
+
+    def log_graph(self, model, example):
+        """The model's graph, traced with `example`; a model the tracer cannot follow gets one warning line."""
+        try:  # kept off the log: the tracer's warnings, and the error it prints before raising it
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(action="ignore"):
+                self.writer.add_graph(model, example)
+        except Exception as exc:
+            why = (str(exc).strip().splitlines() or [""])[0][:200]
+            log.warning("TensorBoard: no model graph, the model could not be traced (%s: %s)", type(exc).__name__, why)
+
+    def log_hparams(self, hparams, metrics):
+        """The HParams summary into this run's folder, beside the scalars of `metrics` (add_hparams: a sub-folder)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        for summary in hparams_summaries(hparams, metrics):
+            self.writer._get_file_writer().add_summary(summary)
+
+    def log_histograms(self, model, step):
+        for name, param in model.named_parameters():
+            self.writer.add_histogram(f"weights/{name}", param.detach(), global_step=step)
+            if param.grad is not None:
+                self.writer.add_histogram(f"gradients/{name}", param.grad.detach(), global_step=step)
 
     def close(self):
         self.writer.close()
@@ -189,7 +232,6 @@ def init_store(tracking_uri: str) -> None:
     if not db:
         return
     import fcntl
-    import os
 
     from mlflow.tracking import MlflowClient
 
@@ -214,8 +256,6 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     db = sqlite_path(tracking_uri)
     if not db:
         return None
-    from pathlib import Path
-
     return (Path(db).resolve().parent / "mlruns" / safe_name(experiment)).as_uri()
 
 
@@ -320,8 +360,6 @@ def _is_unreachable(exc: BaseException) -> bool:
 def configure_mlflow_client(env: dict | None = None) -> None:
     """Bound MLflow's own HTTP retries (by default about two minutes per call), so buffering takes over; and
     keep MLflow's progress bars off the log."""
-    import os
-
     env = os.environ if env is None else env
     env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     env.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -340,8 +378,6 @@ def fluent_uris(uri: str) -> Iterator[None]:
     setters export what they set, the environment holds the whole state: afterwards both URIs
     are unset (None and '' are the setters' "unset") and the two variables put back.
     """
-    import os
-
     import mlflow
 
     saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
@@ -357,8 +393,6 @@ def fluent_uris(uri: str) -> Iterator[None]:
 
 def _restore_environment(saved: dict[str, str | None]) -> None:
     """Put environment variables back as `saved` has them (None: unset)."""
-    import os
-
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks import keys
 from tasks.sections import Section, no_credentials
@@ -28,6 +28,13 @@ class TrackingConfig(Section):
         "of the same name is resumed from its last checkpoint.",
     )
     tensorboard: bool = Field(True, title="TensorBoard", description="Write TensorBoard event files.")
+    histogram_every: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        title="Histograms every",
+        description="Epochs between TensorBoard histograms of every parameter's weights and gradients; 0: none.",
+    )
     log_model: bool = Field(True, title="Log model", description="Log the model to MLflow with a signature.")
     flush_timeout: float = Field(
         120.0,
@@ -39,6 +46,15 @@ class TrackingConfig(Section):
     registered_model: str = Field(
         "", max_length=200, title="Registered model", description="Model registry name; empty: the experiment's name."
     )
+
+    @model_validator(mode="after")
+    def _histograms_need_tensorboard(self) -> TrackingConfig:
+        if self.histogram_every and not self.tensorboard:
+            raise ValueError(
+                f"tracking.histogram_every={self.histogram_every} writes TensorBoard histograms; "
+                "set tracking.tensorboard=true or tracking.histogram_every=0"
+            )
+        return self
 
     def model_name(self) -> str:
         """The model registry name: registered_model, else the experiment's name."""

@@ -46,11 +46,23 @@ from tasks.train_log import log_epoch, log_start, log_stop
 from tasks.train_setup import Run, setup
 
 # TrainResult is re-exported: callers of train_model find its result type beside it.
-__all__ = ["EpochCallback", "Run", "TrainResult", "setup", "train_epoch", "train_model", "validate"]
+__all__ = [
+    "EpochCallback",
+    "ModelCallback",
+    "Run",
+    "StartCallback",
+    "TrainResult",
+    "setup",
+    "train_epoch",
+    "train_model",
+    "validate",
+]
 
 log = logging.getLogger("trainyard.train")
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+StartCallback = Callable[[nn.Module, torch.Tensor], None]  # (the model, an example batch of its inputs)
+ModelCallback = Callable[[int, nn.Module], None]  # (the epoch, the model as it ended the epoch)
 
 
 # ---- one epoch --------------------------------------------------------------------------------------
@@ -193,6 +205,38 @@ def _save_resume(run: Run, epoch: int, metrics: dict[str, float], path: Path) ->
     return True
 
 
+def _start(run: Run, prepared: Prepared, on_start: StartCallback | None) -> None:
+    """`on_start(model, example)` on the writing process: the module itself (never its DDP or compiled twin)
+    and two training rows prepared as the batches are, on the model's device; called in eval mode, without
+    gradients and with the random states put back after it, so that it leaves the training as it was."""
+    if on_start is None or not run.main:
+        return
+    prep = run.source.train.prep
+    rows = prepared.split("train")[0][:2].to(run.device)
+    example = prep(rows) if prep is not None else rows.float()  # not train=True: no random shifts drawn
+    devices = [run.device.index or 0] if run.device.type == "cuda" else []
+    was_training = run.model.training
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        run.model.eval()
+        try:
+            on_start(run.model, example)
+        finally:
+            run.model.train(was_training)
+
+
+def _report(
+    run: Run, epoch: int, metrics: dict[str, float], on_epoch: EpochCallback | None, on_model: ModelCallback | None
+) -> None:
+    """The writing process's hooks at the end of an epoch: its figures, then the model (the gradients of
+    its last step still on the parameters)."""
+    if not run.main:
+        return
+    if on_epoch is not None:
+        on_epoch(epoch, metrics)
+    if on_model is not None:
+        on_model(epoch, run.model)
+
+
 def _result(run: Run, best_path: Path, seconds: float, patience: int) -> TrainResult:
     if run.graphed is not None:
         replays, eager = run.graphed.replays, run.graphed.eager_steps
@@ -233,21 +277,24 @@ def train_model(
     resume_from: str | os.PathLike | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
     world: World | None = None,
+    on_start: StartCallback | None = None,
+    on_epoch_model: ModelCallback | None = None,
 ) -> TrainResult:
     """Train as the config says; write `best.pt` (the kept weights) and `last.pt` (everything needed
     to resume: model, optimizer, scheduler, GradScaler, epoch, RNG states, data key) into `out_dir`.
 
     With `resume_from`, continue after the epoch that checkpoint recorded; on the CPU the end result
-    equals an uninterrupted run's. `on_checkpoint(path)` is called after each `last.pt` write.
+    equals an uninterrupted run's. Hooks: `on_start(model, example)` once before the first epoch, then
+    `on_checkpoint(path)` after each `last.pt` write, `on_epoch(epoch, metrics)`, `on_epoch_model(epoch, model)`.
 
-    With a `world`, this is one of several processes (tasks/launch.py starts them): rank 0 alone
-    writes the checkpoints and calls `on_epoch` and `on_checkpoint`.
+    With a `world`, one of several processes (tasks/launch.py starts them): rank 0 alone writes and calls the hooks.
     """
     run = setup(prepared, model_cfg, optim_cfg, sched_cfg, train_cfg, resume_from, world)
     best_path, last_path = Path(out_dir) / "best.pt", Path(out_dir) / "last.pt"
     epochs, keep_last, every = run.epochs, train_cfg.keep == "last", train_cfg.checkpoint_every
     patience = train_cfg.early_stopping
     log_start(run, prepared, model_cfg.name, train_cfg)
+    _start(run, prepared, on_start)
     start = time.perf_counter()
     # a run resumed from the checkpoint of its early stop has nothing left to train
     done = stop_reason(run.first_epoch - 1, run.best_epoch, patience, run.monitor) if run.first_epoch > 1 else ""
@@ -274,8 +321,7 @@ def train_model(
         # wall time of the epoch (steps, validation, checkpoint); the reads above synchronised the device
         run.history.append({"epoch": epoch, **metrics, "seconds": time.perf_counter() - epoch_start})
         log_epoch(epoch, epochs, metrics, name, ("  (kept)" if keep_last else "  (best)") if improved else "")
-        if on_epoch is not None and run.main:
-            on_epoch(epoch, metrics)
+        _report(run, epoch, metrics, on_epoch, on_epoch_model)
         if stop:
             log_stop(run, epoch, stop)
             break

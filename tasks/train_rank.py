@@ -22,7 +22,7 @@ from tasks.optim_config import OptimConfig, ScheduleConfig
 from tasks.prepared import Prepared, load_prepared
 from tasks.results import TrainResult
 from tasks.runtime import pick_device
-from tasks.train import EpochCallback, train_model
+from tasks.train import EpochCallback, ModelCallback, StartCallback, train_model
 from tasks.train_config import TrainSection
 
 log = logging.getLogger("trainyard.train")
@@ -30,10 +30,13 @@ log = logging.getLogger("trainyard.train")
 
 @dataclass
 class RankHooks:
-    """What rank 0 does besides training: report each epoch, and hand each new `last.pt` on."""
+    """What rank 0 does besides training: report each epoch, and hand each new `last.pt` on; show the model
+    once at the start (its graph) and at the end of epochs (its weights and gradients)."""
 
     on_epoch: EpochCallback | None = None
     on_checkpoint: Callable[[Path], None] | None = None
+    on_start: StartCallback | None = None
+    on_epoch_model: ModelCallback | None = None
 
 
 # Rank 0's hooks: called with the checkpoint it resumes from (None: a new run); entered for the training.
@@ -73,6 +76,8 @@ def run_job(
         resume_from=resume_from,
         on_checkpoint=hooks.on_checkpoint,
         world=world,
+        on_start=hooks.on_start,
+        on_epoch_model=hooks.on_epoch_model,
     )
 
 
