@@ -10,7 +10,10 @@ import os
 import sys
 from typing import Any
 
+import yaml  # light, and pipelines.config reads YAML anyway
+
 from pipelines.config import PRESETS, ConfigError, TrainConfig, load_config, resolve_tracking_uri
+from pipelines.summaries import print_predict_table, print_table
 from tasks.errors import TrainyardError
 
 TRACKING_URI_HELP = "default: MLFLOW_TRACKING_URI, else the state folder's SQLite file"
@@ -18,7 +21,7 @@ INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The command line: train, predict, runs, champion, promote, deploy, config, trainjob."""
+    """The command line: train, predict, runs, champion, promote, deploy, config, trainjob, sweep."""
     parser = argparse.ArgumentParser(prog="trainyard", description="Batch training pipelines for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -31,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--experiment", default="trainyard", help="MLflow experiment")
     runs.add_argument("-n", "--limit", type=_positive_int, default=10, help="how many runs")
     runs.add_argument("--tracking-uri", default="", help=TRACKING_URI_HELP)
+    runs.add_argument("--sweep", default="", help="list this sweep's trials, best first")
     champ = sub.add_parser("champion", help="show the registered model's champion", formatter_class=fmt)
     champ.add_argument("--model", default="trainyard", help="registered model name")
     champ.add_argument("--tracking-uri", default="", help=TRACKING_URI_HELP)
@@ -42,17 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     _deploy_arguments(sub.add_parser("deploy", help=dep_help, formatter_class=fmt))
     show = sub.add_parser("config", help="print a preset or file's resolved config as YAML", formatter_class=fmt)
     _config_arguments(show)
-    job_help = "print the Kubeflow Trainer TrainJob of a run's training on several nodes, for kubectl apply -f"
-    job = sub.add_parser("trainjob", help=job_help, formatter_class=fmt)
-    _config_arguments(job)
-    from pipelines import trainjob
-
-    trainjob.add_arguments(job)
+    for name, (module, help_text) in _config_commands().items():  # a config, and options of their own
+        command = sub.add_parser(name, help=help_text, formatter_class=fmt)
+        _config_arguments(command)
+        module.add_arguments(command)
     return parser
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--preset, --config and --set: the config of `train`, `config` and `trainjob`."""
+    """--preset, --config and --set: the config of `train`, `config`, `trainjob` and `sweep`."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset to start from")
     config_help = "YAML file with config sections (applied after the preset)"
     parser.add_argument("--config", default=None, help=config_help)
@@ -64,6 +66,14 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one value, e.g. --set train.epochs=3 (repeatable)",
     )
+
+
+def _config_commands() -> dict:
+    """`trainyard trainjob` and `trainyard sweep`: a config (--preset/--config/--set) and their own options."""
+    from pipelines import sweep_cli, trainjob
+
+    job = "print the Kubeflow Trainer TrainJob of a run's training on several nodes, for kubectl apply -f"
+    return {"trainjob": (trainjob, job), "sweep": (sweep_cli, "search the config space with Optuna trials")}
 
 
 def _train_arguments(train: argparse.ArgumentParser) -> None:
@@ -120,50 +130,6 @@ def _deploy_arguments(dep: argparse.ArgumentParser) -> None:
         "(default: $TRAINYARD_PREDICT_OUTPUT, else s3://trainyard/predictions/score.parquet)"
     )
     dep.add_argument("--predict-output", default=argparse.SUPPRESS, help=output_help)
-
-
-def print_table(summary: dict[str, Any], out=None) -> None:
-    """The run's summary as two aligned columns."""
-    out = out or sys.stdout
-    rows = [
-        ("MLflow run", f"{summary['mlflow_run_id']} ({summary['run_name']})"),
-        ("experiment", summary["experiment"]),
-        ("tracking URI", summary["tracking_uri"]),
-        ("task", summary["task"]),
-        ("device", summary["device"]),
-        ("best epoch", str(summary["best_epoch"])),
-        ("train seconds", f"{summary['train_seconds']:.1f}"),
-    ]
-    rows += [(k, f"{v:.4f}") for k, v in summary["test_metrics"].items() if k.count("/") == 1]
-    rows += [(f"artifact {k}", v) for k, v in summary["artifacts"].items()]
-    rows.append(("TensorBoard", summary["tensorboard_dir"]))
-    _print_rows(rows, out)
-
-
-def _print_rows(rows: list[tuple[str, str]], out) -> None:
-    """(key, value) rows as two aligned columns."""
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}", file=out)
-
-
-def print_predict_table(summary: dict[str, Any], out=None) -> None:
-    """A prediction's summary as two aligned columns."""
-    out = out or sys.stdout
-    version = f" v{summary['version']}" if summary["version"] else ""
-    rows = [
-        ("prediction run", summary["run_id"]),
-        ("model", f"{summary['model']}{version} ({summary['model_uri']})"),
-        ("model's run", summary["model_run_id"] or "-"),
-        ("input", summary["input"]),
-        ("input sha256", summary["input_sha256"]),
-        ("output", summary["output"]),
-        ("rows", str(summary["rows"])),
-        ("rows with missing values", str(summary["rows_missing"])),
-        ("rows with unseen categories", str(summary["rows_unseen"])),
-        ("seconds", f"{summary['seconds']:.1f}"),
-    ]
-    _print_rows(rows, out)
 
 
 def _predict_config(args):
@@ -244,7 +210,7 @@ def _registry_command(args) -> int:
         return 1
     try:
         if args.command == "runs":
-            print(ir.format_table(ir.latest_runs(uri, args.experiment, args.limit)))
+            print(ir.format_table(ir.latest_runs(uri, args.experiment, args.limit, args.sweep)))
         elif args.command == "champion":
             info = ir.describe_champion(uri, args.model)
             print(json.dumps(info, indent=2) if info else f"{args.model}: no champion yet")
@@ -372,13 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"trainyard: {exc}", file=sys.stderr)
         return 2
-    if args.command == "trainjob":
-        from pipelines import trainjob
-
-        return trainjob.command(args, cfg)
+    if args.command in _config_commands():
+        return _config_commands()[args.command][0].command(args, cfg)
     if args.command == "config" or args.dry_run:
-        import yaml
-
         print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
         return 0
     return _train_command(args, cfg)

@@ -33,8 +33,10 @@ def _check_resume(client, cfg: TrainConfig, tracking_uri: str, resume: str, expe
         raise ConfigError(f"--resume {resume}: no such MLflow run at {tracking_uri}") from None
     if experiment_id is None or run.info.experiment_id != experiment_id:
         raise ConfigError(f"--resume {resume}: that run is not in experiment {cfg.tracking.experiment!r}")
-    if keys.is_prediction_run(run.data.tags):
-        raise ConfigError(f"--resume {resume}: that run is a prediction run (trainyard predict); nothing to resume")
+    if not keys.is_training_run(run.data.tags):
+        prediction = keys.is_prediction_run(run.data.tags)
+        kind = "a prediction run (trainyard predict)" if prediction else "a sweep's parent run"
+        raise ConfigError(f"--resume {resume}: that run is {kind}; nothing to resume")
     if run.info.status == keys.FINISHED:
         raise ConfigError(f"--resume {resume}: that run already finished; nothing to resume")
     wanted = config_hash(cfg)
@@ -56,7 +58,7 @@ def _unfinished_run(client, cfg: TrainConfig, experiment_id: str, flow_run_id: s
     else:
         return ""
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=10)
-    unfinished = [r for r in runs if r.info.status != keys.FINISHED and not keys.is_prediction_run(r.data.tags)]
+    unfinished = [r for r in runs if r.info.status != keys.FINISHED and keys.is_training_run(r.data.tags)]
     wanted = config_hash(cfg)
     matching = [r for r in unfinished if _same_config(r, wanted)]
     if unfinished and not matching:

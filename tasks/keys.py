@@ -43,6 +43,16 @@ REGISTRY_VERSION = "registry.version"
 # is left out of everything that looks for training runs (`trainyard runs`, the resume search).
 RUN_KIND = "trainyard.run_kind"
 PREDICTION = "prediction"
+SWEEP = "sweep"  # a sweep's parent run (`trainyard sweep`); its trials are training runs, nested under it
+PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag
+SWEEP_NAME = "trainyard.sweep"  # on the parent and on every trial: the sweep (the Optuna study's name)
+SWEEP_TRIAL = "trainyard.sweep.trial"  # a trial's number in the study
+SWEEP_TRIAL_STATE = "trainyard.sweep.trial_state"  # COMPLETE, PRUNED or FAIL
+SWEEP_STORAGE = "trainyard.sweep.storage"  # where the study lives (without a password)
+SWEEP_BEST_RUN = "trainyard.sweep.best_run_id"
+SWEEP_BEST_VALUE = "sweep/best_value"  # the parent's metric: the best trial's objective
+SWEEP_OBJECTIVE = "sweep/objective"  # a finished trial's metric: its objective, the monitored validation metric
+SWEEP_DIRECTION = "trainyard.sweep.direction"  # on every trial: maximize or minimize (`trainyard runs --sweep`)
 PREDICT_MODEL_URI = "trainyard.predict.model_uri"  # as given: models:/NAME@ALIAS, models:/NAME/VERSION, ...
 PREDICT_MODEL_NAME = "trainyard.predict.model_name"
 PREDICT_MODEL_VERSION = "trainyard.predict.model_version"
@@ -109,6 +119,11 @@ _PER_CLASS_KEY = re.compile(rf"test/({'|'.join(PER_CLASS)})/.+")
 def is_prediction_run(tags: dict[str, str]) -> bool:
     """Whether a run (by its tags) is a prediction run rather than a training run."""
     return tags.get(RUN_KIND) == PREDICTION
+
+
+def is_training_run(tags: dict[str, str]) -> bool:
+    """Whether a run (by its tags) trained a model: not a prediction run, not a sweep's parent."""
+    return tags.get(RUN_KIND) not in (PREDICTION, SWEEP)
 
 
 def per_class_key(metric: str, class_part: str) -> str:

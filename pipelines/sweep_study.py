@@ -1,0 +1,99 @@
+"""The Optuna study behind a sweep: where it lives, its sampler and pruner, and picking it up again
+after the sweep was killed.
+
+The study is stored in an RDB: `sweep.storage` when given (a database of its own on the PostgreSQL
+server MLflow uses, say); else TRAINYARD_SWEEP_STORAGE; else `optuna.db` in the state folder. A sweep started again
+with the same name loads it: finished trials stay, a trial left RUNNING by a killed sweep is marked
+FAIL and enqueued once more with its params.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from tasks.sweep_config import SweepConfig
+
+log = logging.getLogger("trainyard.sweep")
+RETRY_OF = "retry_of"  # a trial's user attribute: the number of the trial it runs again
+RUN_ID = "mlflow_run_id"  # a trial's user attribute: its MLflow child run
+
+
+def storage_url(sweep: SweepConfig, state: Path, env: dict[str, str] | None = None) -> str:
+    """Where the study lives: sweep.storage, else TRAINYARD_SWEEP_STORAGE, else optuna.db in the state folder.
+    Not MLflow's own database: both keep their schema version in an `alembic_version` table."""
+    env = os.environ if env is None else env
+    return sweep.storage or env.get("TRAINYARD_SWEEP_STORAGE", "") or f"sqlite:///{Path(state) / 'optuna.db'}"
+
+
+def redacted(url: str) -> str:
+    """A storage URL without its password, for tags and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _sampler(sweep: SweepConfig):
+    import optuna
+
+    from pipelines.sweep_space import grid
+
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=sweep.seed)
+    if sweep.sampler == "grid":
+        return optuna.samplers.GridSampler(grid(sweep.space), seed=sweep.seed)
+    return optuna.samplers.TPESampler(seed=sweep.seed)
+
+
+def _pruner(sweep: SweepConfig):
+    import optuna
+
+    if sweep.pruner == "none":
+        return optuna.pruners.NopPruner()
+    # a trial is judged from its second epoch on, once three trials have finished
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+
+
+def open_study(sweep: SweepConfig, name: str, url: str, maximize: bool):
+    """The sweep's study, created or loaded by name; trials a killed sweep left RUNNING are failed and
+    enqueued again (once)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=url,
+        study_name=name,
+        direction="maximize" if maximize else "minimize",
+        sampler=_sampler(sweep),
+        pruner=_pruner(sweep),
+        load_if_exists=True,
+    )
+    _recover(study)
+    return study
+
+
+def _recover(study) -> None:
+    from optuna.trial import TrialState
+
+    retried = {t.user_attrs.get(RETRY_OF) for t in study.get_trials(deepcopy=False)}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)
+        log.info("sweep %s: trial %d was left running; marked failed", study.study_name, trial.number)
+        if trial.user_attrs.get(RETRY_OF) is None and trial.number not in retried:
+            study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+
+
+def trials_left(study, wanted: int) -> int:
+    """How many trials to ask for so that the study holds `wanted` finished ones (a failed trial that is
+    enqueued again counts once, through its retry)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials} - {None}
+    done = sum(1 for t in trials if t.state.is_finished() and t.number not in retried)
+    waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
+    return max(wanted - done - waiting, 0) + waiting

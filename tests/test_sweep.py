@@ -1,0 +1,145 @@
+"""Sweeps: an Optuna study over the config, trials as nested MLflow runs, pruning, resume after SIGKILL,
+the best trial through the champion gate."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import load_config
+from pipelines.sweep_space import with_params
+from tasks.errors import ConfigError
+from tasks.sweep_config import SweepConfig
+from tests.conftest import cli_env, train_argv
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+SETTINGS = ["data.target=label", "data.drop=[id]", "train.epochs=5", "train.min_steps=0", "train.early_stopping=0"]
+# a range whose low end cannot learn in five epochs: those trials trail the median and are pruned
+SPACE = {
+    "optim.lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+    "model.hidden": {"type": "categorical", "choices": [[16], [32, 32]]},
+}
+
+
+def base(toy_csv, *extra):
+    return load_config("csv", overrides=[f"data.path={toy_csv}", *SETTINGS, *extra])
+
+
+def study(state: Path, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{state / 'optuna.db'}")
+
+
+def finished_trials(db: Path) -> list[int]:
+    """The finished trials' numbers, read without writing (Optuna's own loading may create tables, which
+    would take the database's write lock from the sweep)."""
+    if not db.exists():
+        return []
+    with (
+        contextlib.suppress(sqlite3.Error),
+        contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as c,
+    ):
+        rows = c.execute("SELECT number FROM trials WHERE state IN ('COMPLETE', 'PRUNED', 'FAIL')").fetchall()
+        return [number for (number,) in rows]
+    return []
+
+
+def children(client: MlflowClient, parent_id: str) -> list:
+    experiment = client.get_experiment_by_name("trainyard").experiment_id
+    return client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_a_sweep_nests_its_trials_prunes_and_registers_the_best(toy_csv, state_home):
+    from optuna.trial import TrialState
+
+    from pipelines.flow import train_flow
+    from pipelines.sweep import sweep_flow
+
+    cfg = base(toy_csv)
+    summary = sweep_flow(cfg, SweepConfig(name="small", space=SPACE, trials=6, seed=0))
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["trainyard.run_kind"] == "sweep"
+    trials = study(state_home, "small").get_trials()
+    assert len(trials) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    runs = {r.data.tags["trainyard.sweep.trial"]: r for r in children(client, parent.info.run_id)}
+    assert sorted(runs) == [str(t.number) for t in trials]  # one child run per trial, nested under the parent
+    for trial in trials:
+        run = runs[str(trial.number)]
+        assert run.data.tags["trainyard.sweep.trial_state"] == trial.state.name
+        assert run.info.status == ("KILLED" if trial.state == TrialState.PRUNED else "FINISHED")
+        assert float(run.data.params["optim.lr"]) == pytest.approx(trial.params["optim.lr"])
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "no trial was pruned"
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert summary["best_trial"] == best.number and parent.data.params["best.optim.lr"] == str(best.params["optim.lr"])
+    assert parent.data.metrics["sweep/best_value"] == pytest.approx(best.value)
+    # only the best trial's model is registered; the gate judged it
+    (version,) = client.search_model_versions("name='trainyard'")
+    assert version.run_id == summary["best_run_id"] == runs[str(best.number)].info.run_id
+    # the best trial rerun alone with its config gives its metrics again (CPU)
+    again = train_flow(with_params(cfg, summary["best_params"]), force=True)
+    assert again["test_metrics"] == pytest.approx(
+        {k: v for k, v in runs[str(best.number)].data.metrics.items() if k in again["test_metrics"]}
+    )
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"optim.nope": {"type": "float", "low": 0.1, "high": 1}}, "optim.nope: unknown key"),
+        ({"optim.lr": {"type": "float", "low": 1, "high": 0.1}}, "expected low <= high"),
+        ({"optim.name": {"type": "categorical", "choices": ["adam", "adamx"]}}, "optim.name"),
+        ({"nosection.lr": {"type": "float", "low": 0.1, "high": 1}}, "nosection"),
+    ],
+)
+def test_a_bad_space_is_refused_before_any_trial(toy_csv, state_home, space, message):
+    from pydantic import ValidationError
+
+    from pipelines.sweep import sweep_flow
+
+    with pytest.raises((ConfigError, ValidationError), match=message):
+        sweep_flow(base(toy_csv), SweepConfig(name="bad", space=space, trials=2))
+    assert not (state_home / "optuna.db").exists()  # no study, so no trial
+
+
+def test_a_killed_sweep_continues_without_redoing_finished_trials(toy_csv, tmp_path):
+    from optuna.trial import TrialState
+
+    home = tmp_path / "home"
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"optim.lr": SPACE["optim.lr"]}), encoding="utf-8")
+    argv = train_argv(f"data.path={toy_csv}", *SETTINGS, "train.epochs=40")
+    argv[argv.index("train")] = "sweep"
+    argv += ["--space", str(tmp_path / "space.yaml"), "--trials", "4", "--name", "resumed", "--pruner", "none"]
+    env = cli_env(home, harness_api=True)
+    log = (tmp_path / "first.log").open("w")  # noqa: SIM115 (the child writes to it until it is killed)
+    proc = subprocess.Popen(argv, env=env, stderr=log, start_new_session=True)
+    deadline, finished = time.monotonic() + 240, []
+    while time.monotonic() < deadline and proc.poll() is None and len(finished) < 2:
+        time.sleep(0.5)
+        finished = finished_trials(home / "optuna.db")
+    assert proc.poll() is None and len(finished) >= 2, (tmp_path / "first.log").read_text()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    log.close()
+    before = {t.number: t.datetime_complete for t in study(home, "resumed").get_trials() if t.state.is_finished()}
+    again = subprocess.run([*argv, "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = study(home, "resumed").get_trials()
+    assert {t.number: t.datetime_complete for t in trials if t.number in before} == before  # not redone
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    retried = [t for t in trials if "retry_of" in t.user_attrs]
+    assert len(failed) <= 1 and len(retried) == len(failed)  # the trial that was running: failed, run once more
+    assert len(done) == 4 and json.loads(again.stdout)["sweep"] == "resumed"
