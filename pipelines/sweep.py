@@ -17,18 +17,18 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
 
 from pipelines import champion_gate, lifecycle, prepare, publish, training
 from pipelines.config import TrainConfig, resolve_storage_uri, resolve_tracking_uri, state_dir
 from pipelines.context import RunContext, run_context
 from pipelines.provenance import config_hash, run_tags
 from pipelines.sweep_space import check_space, decoded, suggest, with_params
-from pipelines.sweep_study import RUN_ID, open_study, redacted, storage_url, trials_left
+from pipelines.sweep_study import RUN_ID, open_study, pruner, redacted, storage_url, trials_left
 from tasks import keys, tracking
 from tasks.errors import TrainyardError
 from tasks.results import DatasetRef, TrainResult
@@ -93,39 +93,54 @@ def _end(ctx: RunContext, status: str, state: str) -> None:
     tracking.end_run(ctx.tracking_uri, ctx.run_id, status)
 
 
-def run_trial(study, cfg: TrainConfig, sweep: SweepConfig, parent: RunContext, dataset: DatasetRef) -> dict[str, Any]:
-    """Ask the study for a point, train it as a child run, and tell the study how it went."""
-    import optuna
-    from optuna.trial import TrialState
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial, as the flow hands it to a worker: its config (the point applied), where its study lives,
+    the parent run and the prepared dataset. Picklable: with sweep.parallel above 1 it crosses processes."""
 
-    trial = study.ask()
-    trial_cfg = with_params(cfg, suggest(trial, sweep.space))
-    ctx = _child(trial_cfg, parent, study.study_name, trial.number, study.direction.name.lower())
+    cfg: TrainConfig
+    study: str
+    storage: str
+    pruner: str
+    trial_id: int
+    number: int
+    direction: str
+    parent: RunContext
+    dataset: DatasetRef
+
+
+def run_trial(spec: TrialSpec) -> dict[str, Any]:
+    """Train one trial as a child run, reporting each epoch's validation metric to its study (which may
+    prune it); the outcome, which the flow tells the study."""
+    import optuna
+
+    study = optuna.load_study(study_name=spec.study, storage=spec.storage, pruner=pruner(spec.pruner))
+    trial = optuna.trial.Trial(study, spec.trial_id)
+    ctx = _child(spec.cfg, spec.parent, spec.study, spec.number, spec.direction)
     trial.set_user_attr(RUN_ID, ctx.run_id)
+    outcome: dict[str, Any] = {"number": spec.number, "run_id": ctx.run_id}
+    cfg, dataset = spec.cfg, spec.dataset
     try:
-        result = training.train(trial_cfg, ctx, dataset, observe=_pruning(trial, _monitor(trial_cfg, dataset)))
-        evaluation = training.evaluate(trial_cfg, ctx, dataset, result)
-        stored = publish.store_artifacts(trial_cfg, ctx, dataset, result, evaluation)
-        publish.log_reports(trial_cfg, ctx, dataset, evaluation, stored, int(result.history[-1]["epoch"]))
+        result = training.train(cfg, ctx, dataset, observe=_pruning(trial, _monitor(cfg, dataset)))
+        evaluation = training.evaluate(cfg, ctx, dataset, result)
+        stored = publish.store_artifacts(cfg, ctx, dataset, result, evaluation)
+        publish.log_reports(cfg, ctx, dataset, evaluation, stored, int(result.history[-1]["epoch"]))
     except optuna.TrialPruned as exc:
-        log.info("sweep %s: trial %d pruned: %s", study.study_name, trial.number, exc)
+        log.info("sweep %s: trial %d pruned: %s", spec.study, spec.number, exc)
         _end(ctx, keys.KILLED, "PRUNED")
-        study.tell(trial, state=TrialState.PRUNED)
-        return {"number": trial.number, "state": "PRUNED", "run_id": ctx.run_id}
+        return {**outcome, "state": "PRUNED"}
     except BaseException as exc:
         _end(ctx, keys.KILLED if lifecycle.interrupted(exc) else keys.FAILED, "FAIL")
-        study.tell(trial, state=TrialState.FAIL)
         if not isinstance(exc, TrainyardError):  # a trial that cannot train (NaN, say) does not end the sweep
             raise
-        log.warning("sweep %s: trial %d failed: %s", study.study_name, trial.number, exc)
-        return {"number": trial.number, "state": "FAIL", "run_id": ctx.run_id, "error": str(exc)}
+        log.warning("sweep %s: trial %d failed: %s", spec.study, spec.number, exc)
+        return {**outcome, "state": "FAIL", "error": str(exc)}
     (ctx.run_dir / "train-result.json").write_text(json.dumps(result.to_dict()), encoding="utf-8")
     from mlflow.tracking import MlflowClient
 
     MlflowClient(ctx.tracking_uri).log_metric(ctx.run_id, keys.SWEEP_OBJECTIVE, float(result.best_metric))
     _end(ctx, keys.FINISHED, "COMPLETE")
-    study.tell(trial, result.best_metric)
-    return {"number": trial.number, "state": "COMPLETE", "run_id": ctx.run_id, "value": result.best_metric}
+    return {**outcome, "state": "COMPLETE", "value": result.best_metric}
 
 
 def _monitor(cfg: TrainConfig, dataset: DatasetRef) -> str:
@@ -136,15 +151,52 @@ def _monitor(cfg: TrainConfig, dataset: DatasetRef) -> str:
 trial_task = task(run_trial, name="trial", cache_policy=NO_CACHE)
 
 
-def _run_trials(study, cfg: TrainConfig, sweep: SweepConfig, parent: RunContext, dataset: DatasetRef) -> list:
-    """The trials still wanted, `sweep.parallel` at a time, each a task run."""
-    outcomes, left = [], trials_left(study, sweep.trials)
-    while left > 0:
-        batch = min(left, sweep.parallel)
-        futures = [trial_task.submit(study, cfg, sweep, parent, dataset) for _ in range(batch)]
-        wait(futures)
-        outcomes += [f.result() for f in futures]
-        left -= batch
+def _ask(study, cfg: TrainConfig, sweep: SweepConfig, url: str, parent: RunContext, dataset: DatasetRef) -> TrialSpec:
+    """The study's next point (its one sampler, in the flow's process), as a trial for a worker."""
+    trial = study.ask()
+    trial_cfg = with_params(cfg, suggest(trial, sweep.space))
+    direction = study.direction.name.lower()
+    # the trial's storage id: a worker reports to it through optuna.trial.Trial(study, id)
+    spec = (study.study_name, url, sweep.pruner, trial._trial_id, trial.number, direction, parent, dataset)
+    return TrialSpec(trial_cfg, *spec)
+
+
+def _tell(study, spec: TrialSpec, future) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    try:
+        outcome = future.result()
+    except BaseException:
+        study.tell(spec.number, state=TrialState.FAIL)
+        raise
+    if outcome["state"] == "COMPLETE":
+        study.tell(spec.number, outcome["value"])
+    else:
+        study.tell(spec.number, state=TrialState[outcome["state"]])
+    return outcome
+
+
+def _runner(parallel: int):
+    """Trials in worker processes of their own when several run at once (each process's random generators
+    are its own, so a trial trains as it would alone); one at a time in this process otherwise."""
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    return ProcessPoolTaskRunner(max_workers=parallel) if parallel > 1 else ThreadPoolTaskRunner(max_workers=1)
+
+
+def _run_trials(study, cfg: TrainConfig, sweep: SweepConfig, url: str, parent: RunContext, dataset: DatasetRef) -> list:
+    """The trials still wanted, `sweep.parallel` at a time (a new one as soon as one ends), each a task run."""
+    from prefect.futures import as_completed
+
+    outcomes, left, pending = [], trials_left(study, sweep.trials), {}
+    with _runner(sweep.parallel) as runner:
+        while left > 0 or pending:
+            while left > 0 and len(pending) < sweep.parallel:
+                spec = _ask(study, cfg, sweep, url, parent, dataset)
+                pending[runner.submit(trial_task, parameters={"spec": spec})] = spec
+                left -= 1
+            done = next(iter(as_completed(list(pending))))
+            outcomes.append(_tell(study, pending.pop(done), done))
     return outcomes
 
 
@@ -187,7 +239,7 @@ def sweep_flow(cfg: TrainConfig = DEFAULT_CONFIG, sweep: SweepConfig = DEFAULT_S
         dataset = prepare.ingest_data(cfg, parent)
         maximize = dataset.task == "classification" and cfg.train.monitor == "auto"
         study = open_study(sweep, name, url, maximize)
-        outcomes = _run_trials(study, cfg, sweep, parent, dataset)
+        outcomes = _run_trials(study, cfg, sweep, url, parent, dataset)
         summary = _best(study, cfg, sweep, parent, dataset)
     except BaseException as exc:
         tracking.end_run(tracking_uri, parent.run_id, keys.KILLED if lifecycle.interrupted(exc) else keys.FAILED)

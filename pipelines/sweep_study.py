@@ -49,10 +49,11 @@ def _sampler(sweep: SweepConfig):
     return optuna.samplers.TPESampler(seed=sweep.seed)
 
 
-def _pruner(sweep: SweepConfig):
+def pruner(name: str):
+    """sweep.pruner as an Optuna pruner (the flow's study and every worker's copy of it judge alike)."""
     import optuna
 
-    if sweep.pruner == "none":
+    if name == "none":
         return optuna.pruners.NopPruner()
     # a trial is judged from its second epoch on, once three trials have finished
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
@@ -69,7 +70,7 @@ def open_study(sweep: SweepConfig, name: str, url: str, maximize: bool):
         study_name=name,
         direction="maximize" if maximize else "minimize",
         sampler=_sampler(sweep),
-        pruner=_pruner(sweep),
+        pruner=pruner(sweep.pruner),
         load_if_exists=True,
     )
     _recover(study)

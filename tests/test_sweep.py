@@ -143,3 +143,24 @@ def test_a_killed_sweep_continues_without_redoing_finished_trials(toy_csv, tmp_p
     retried = [t for t in trials if "retry_of" in t.user_attrs]
     assert len(failed) <= 1 and len(retried) == len(failed)  # the trial that was running: failed, run once more
     assert len(done) == 4 and json.loads(again.stdout)["sweep"] == "resumed"
+
+
+def test_parallel_trials_train_in_processes_of_their_own_as_they_would_alone(toy_csv, state_home):
+    from pipelines.flow import train_flow
+    from pipelines.sweep import sweep_flow
+
+    cfg = base(toy_csv, "train.epochs=3")
+    sweep = SweepConfig(name="pair", space=SPACE, trials=3, parallel=2, pruner="none", seed=1)
+    summary = sweep_flow(cfg, sweep)
+    assert summary["trials"] == {"COMPLETE": 3}
+    client = MlflowClient(summary["tracking_uri"])
+    trials = children(client, summary["parent_run_id"])
+    assert len({r.data.tags["trainyard.sweep.trial"] for r in trials}) == 3
+    # dropout draws from the process's generator: a trial trained beside another must not share it
+    trial = min(trials, key=lambda r: r.data.tags["trainyard.sweep.trial"])
+    params = {
+        k: json.loads(trial.data.params[k]) if k == "model.hidden" else float(trial.data.params[k]) for k in SPACE
+    }
+    again = train_flow(with_params(cfg, params), force=True)
+    expected = {k: v for k, v in trial.data.metrics.items() if k in again["test_metrics"]}
+    assert again["test_metrics"] == pytest.approx(expected)
