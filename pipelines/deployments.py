@@ -1,5 +1,6 @@
-"""The deployments Trainyard registers: scheduled retrains and the daily batch scoring on the
-`cpu` pool, the training step on the `gpu` pool. `trainyard deploy` applies them to a Prefect server.
+"""The deployments Trainyard registers: scheduled retrains, the daily batch scoring and a sweep
+(run from the UI) on the `cpu` pool, the training step on the `gpu` pool. `trainyard deploy` applies
+them to a Prefect server.
 
 Every deployment enforces its parameter schema, so a bad value typed into the Prefect
 UI's form is refused before a run starts. The form comes from `TrainConfig`: titles,
@@ -17,6 +18,7 @@ from prefect.client.schemas.schedules import CronSchedule
 
 from pipelines.config import load_config
 from tasks.predict_config import PredictConfig
+from tasks.sweep_config import SweepConfig
 
 TIMEZONE = "Europe/Berlin"
 CPU_POOL, GPU_POOL = "cpu", "gpu"
@@ -33,13 +35,22 @@ PREDICT_INPUT_ENV, PREDICT_INPUT = "TRAINYARD_PREDICT_INPUT", "s3://trainyard/da
 PREDICT_OUTPUT_ENV, PREDICT_OUTPUT = "TRAINYARD_PREDICT_OUTPUT", "s3://trainyard/predictions/score.parquet"
 PREDICT_CRON = "0 5 * * *"  # daily, after the nightly (02:00) and weekly (Monday 03:30) retrains
 
+# The sweep deployment's default form: a learning-rate range and two widths, 20 trials.
+SWEEP_EXAMPLE = SweepConfig(
+    space={
+        "optim.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
+        "model.hidden": {"type": "categorical", "choices": ["auto", [64, 64], [256, 256]]},
+    },
+    trials=20,
+)
+
 
 @dataclass
 class Plan:
     """One deployment to apply: its flow, work pool, schedule and parameters."""
 
     name: str
-    flow: str  # "train", "train-step" or "predict"
+    flow: str  # "train", "train-step", "predict" or "sweep"
     pool: str
     description: str
     cron: str = ""
@@ -140,7 +151,16 @@ def plans(
         tags=["gpu"],
     )
     scoring = _batch_predict(csv_cfg.tracking.model_name(), predict_input, predict_output, timezone)
-    return [nightly, weekly, on_demand, gpu, scoring]
+    sweep = Plan(
+        "sweep",
+        "sweep",
+        CPU_POOL,
+        f"Search csv-retrain's config with Optuna ({SWEEP_EXAMPLE.trials} trials by default); set the space in "
+        "the form. The best trial goes through the champion gate.",
+        parameters={"cfg": csv, "sweep": SWEEP_EXAMPLE.model_dump(mode="json")},
+        tags=["manual", "sweep"],
+    )
+    return [nightly, weekly, on_demand, gpu, scoring, sweep]
 
 
 def _flow(kind: str):
@@ -153,6 +173,10 @@ def _flow(kind: str):
         from pipelines.predict_flow import batch_predict_flow
 
         return batch_predict_flow
+    if kind == "sweep":
+        from pipelines.sweep import sweep_flow
+
+        return sweep_flow
     from pipelines.remote import train_step_flow
 
     return train_step_flow
@@ -181,6 +205,8 @@ ENTRYPOINTS = {
     "train-step": "pipelines/remote.py:train_step_flow",
     # Scoring has no flow retries: its one task retries I/O; bad input fails the same way every time.
     "predict": "pipelines/predict_flow.py:batch_predict_flow",
+    # A sweep has no flow retries either: started again with its name, it continues its study.
+    "sweep": "pipelines/sweep.py:sweep_flow",
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -107,6 +108,7 @@ class TrialSpec:
     direction: str
     parent: RunContext
     dataset: DatasetRef
+    threads: int = 0  # torch's threads in a worker process: the cores shared out among the parallel trials
 
 
 def run_trial(spec: TrialSpec) -> dict[str, Any]:
@@ -114,6 +116,10 @@ def run_trial(spec: TrialSpec) -> dict[str, Any]:
     prune it); the outcome, which the flow tells the study."""
     import optuna
 
+    if spec.threads:
+        import torch
+
+        torch.set_num_threads(spec.threads)
     study = optuna.load_study(study_name=spec.study, storage=spec.storage, pruner=pruner(spec.pruner))
     trial = optuna.trial.Trial(study, spec.trial_id)
     ctx = _child(spec.cfg, spec.parent, spec.study, spec.number, spec.direction)
@@ -158,7 +164,8 @@ def _ask(study, cfg: TrainConfig, sweep: SweepConfig, url: str, parent: RunConte
     direction = study.direction.name.lower()
     # the trial's storage id: a worker reports to it through optuna.trial.Trial(study, id)
     spec = (study.study_name, url, sweep.pruner, trial._trial_id, trial.number, direction, parent, dataset)
-    return TrialSpec(trial_cfg, *spec)
+    threads = max(1, (os.cpu_count() or 1) // sweep.parallel) if sweep.parallel > 1 else 0
+    return TrialSpec(trial_cfg, *spec, threads=threads)
 
 
 def _tell(study, spec: TrialSpec, future) -> dict[str, Any]:

@@ -125,6 +125,10 @@ def test_schedules_and_pools_are_registered(stack):
         limit = gpu.global_concurrency_limit.limit if gpu.global_concurrency_limit else gpu.concurrency_limit
         assert limit == 1  # one training at a time on the gpu pool
         scoring = client.read_deployment_by_name("trainyard-predict/batch-predict")
+        sweep = client.read_deployment_by_name("trainyard-sweep/sweep")
+    assert sweep.entrypoint == "pipelines/sweep.py:sweep_flow" and sweep.enforce_parameter_schema
+    assert sweep.work_pool_name == "cpu" and not sweep.schedules
+    assert sweep.parameters["sweep"]["space"]["optim.lr"]["log"] is True and sweep.parameters["sweep"]["trials"] == 20
     (schedule,) = scoring.schedules
     assert schedule.schedule.cron == "0 5 * * *" and schedule.schedule.timezone == "Europe/Berlin"
     assert scoring.work_pool_name == "cpu" and scoring.enforce_parameter_schema
