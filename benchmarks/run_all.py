@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["train_throughput", "mnist_fast", "csv_ingest", "end_to_end", "predict", "ddp_scaling"]
-NEEDS_SERVICES = {"end_to_end", "predict"}  # prefect and mlflow
+BENCHMARKS = ["train_throughput", "mnist_fast", "csv_ingest", "end_to_end", "predict", "ddp_scaling", "sweep"]
+NEEDS_SERVICES = {"end_to_end", "predict", "sweep"}  # prefect and mlflow
 
 
 def main(argv=None) -> int:
