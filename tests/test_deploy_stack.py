@@ -686,6 +686,7 @@ def test_compose_database_urls_use_installed_drivers(compose):
     urls = [
         interpolate(compose["services"]["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"], env),
         interpolate(compose["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"], env),
+        interpolate(compose["x-trainyard-env"]["TRAINYARD_SWEEP_STORAGE"], env),
     ]
     drivers = set()
     for url in urls:
@@ -696,7 +697,7 @@ def test_compose_database_urls_use_installed_drivers(compose):
     assert drivers == {"asyncpg", "psycopg"}
 
 
-def test_postgres_init_creates_both_databases(tmp_path):
+def test_postgres_init_creates_the_databases(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     write_exe(bindir / "psql", '#!/bin/sh\nprintf "%s\\n" "$@" >"$FAKE_OUT.args"\ncat >"$FAKE_OUT.sql"\n')
@@ -707,16 +708,18 @@ def test_postgres_init_creates_both_databases(tmp_path):
         "POSTGRES_USER": "postgres",
         "PREFECT_DB_PASSWORD": "pw-prefect-1",
         "MLFLOW_DB_PASSWORD": "pw-mlflow-2",
+        "OPTUNA_DB_PASSWORD": "pw-optuna-3",
     }
     proc = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     sql = (tmp_path / "psql.sql").read_text()
     args = (tmp_path / "psql.args").read_text().splitlines()
-    for db in ("prefect", "mlflow"):
+    for db in ("prefect", "mlflow", "optuna"):
         assert f"CREATE ROLE {db} LOGIN PASSWORD :'{db}_password';" in sql
         assert f"CREATE DATABASE {db} OWNER {db};" in sql
     assert "CREATE EXTENSION IF NOT EXISTS pg_trgm;" in sql
     assert "--set=prefect_password=pw-prefect-1" in args and "--set=mlflow_password=pw-mlflow-2" in args
+    assert "--set=optuna_password=pw-optuna-3" in args
     assert "pw-" not in sql and "ON_ERROR_STOP=1" in args
     env.pop("MLFLOW_DB_PASSWORD")
     assert subprocess.run(["sh", str(script)], env=env, capture_output=True, timeout=30).returncode != 0
