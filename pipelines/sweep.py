@@ -245,7 +245,10 @@ def sweep_flow(cfg: TrainConfig = DEFAULT_CONFIG, sweep: SweepConfig = DEFAULT_S
     try:
         dataset = prepare.ingest_data(cfg, parent)
         maximize = dataset.task == "classification" and cfg.train.monitor == "auto"
-        study = open_study(sweep, name, url, maximize)
+        study, stale = open_study(sweep, name, url, maximize)
+        for run_id in stale:  # the child runs of trials a killed sweep left running
+            tracking.set_tags(tracking_uri, run_id, {keys.SWEEP_TRIAL_STATE: "FAIL"})
+            tracking.end_run(tracking_uri, run_id, keys.FAILED)
         outcomes = _run_trials(study, cfg, sweep, url, parent, dataset)
         summary = _best(study, cfg, sweep, parent, dataset)
     except BaseException as exc:

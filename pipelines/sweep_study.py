@@ -60,8 +60,8 @@ def pruner(name: str):
 
 
 def open_study(sweep: SweepConfig, name: str, url: str, maximize: bool):
-    """The sweep's study, created or loaded by name; trials a killed sweep left RUNNING are failed and
-    enqueued again (once)."""
+    """(the sweep's study, created or loaded by name; the MLflow runs of the trials a killed sweep left
+    RUNNING, which are failed in the study and enqueued again, once)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -73,19 +73,21 @@ def open_study(sweep: SweepConfig, name: str, url: str, maximize: bool):
         pruner=pruner(sweep.pruner),
         load_if_exists=True,
     )
-    _recover(study)
-    return study
+    return study, _recover(study)
 
 
-def _recover(study) -> None:
+def _recover(study) -> list[str]:
     from optuna.trial import TrialState
 
     retried = {t.user_attrs.get(RETRY_OF) for t in study.get_trials(deepcopy=False)}
+    stale = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        stale += [trial.user_attrs[RUN_ID]] if RUN_ID in trial.user_attrs else []
         study.tell(trial.number, state=TrialState.FAIL)
         log.info("sweep %s: trial %d was left running; marked failed", study.study_name, trial.number)
         if trial.user_attrs.get(RETRY_OF) is None and trial.number not in retried:
             study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number}, skip_if_exists=False)
+    return stale
 
 
 def trials_left(study, wanted: int) -> int:

@@ -41,18 +41,22 @@ def study(state: Path, name: str):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{state / 'optuna.db'}")
 
 
-def finished_trials(db: Path) -> list[int]:
-    """The finished trials' numbers, read without writing (Optuna's own loading may create tables, which
-    would take the database's write lock from the sweep)."""
+def trial_states(db: Path) -> tuple[list[int], list[int]]:
+    """(the finished trials' numbers, the running trials that have their MLflow run), read without writing
+    (Optuna's own loading may create tables, which would take the database's write lock from the sweep)."""
     if not db.exists():
-        return []
+        return [], []
+    finished = "SELECT number FROM trials WHERE state IN ('COMPLETE', 'PRUNED', 'FAIL')"
+    running = (
+        "SELECT t.number FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+        "WHERE t.state = 'RUNNING' AND a.key = 'mlflow_run_id'"
+    )
     with (
         contextlib.suppress(sqlite3.Error),
         contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as c,
     ):
-        rows = c.execute("SELECT number FROM trials WHERE state IN ('COMPLETE', 'PRUNED', 'FAIL')").fetchall()
-        return [number for (number,) in rows]
-    return []
+        return [n for (n,) in c.execute(finished).fetchall()], [n for (n,) in c.execute(running).fetchall()]
+    return [], []
 
 
 def children(client: MlflowClient, parent_id: str) -> list:
@@ -126,10 +130,11 @@ def test_a_killed_sweep_continues_without_redoing_finished_trials(toy_csv, tmp_p
     log = (tmp_path / "first.log").open("w")  # noqa: SIM115 (the child writes to it until it is killed)
     proc = subprocess.Popen(argv, env=env, stderr=log, start_new_session=True)
     deadline, finished = time.monotonic() + 240, []
-    while time.monotonic() < deadline and proc.poll() is None and len(finished) < 2:
+    running: list[int] = []
+    while time.monotonic() < deadline and proc.poll() is None and (len(finished) < 2 or not running):
         time.sleep(0.5)
-        finished = finished_trials(home / "optuna.db")
-    assert proc.poll() is None and len(finished) >= 2, (tmp_path / "first.log").read_text()[-2000:]
+        finished, running = trial_states(home / "optuna.db")
+    assert proc.poll() is None and len(finished) >= 2 and running, (tmp_path / "first.log").read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     log.close()
@@ -141,7 +146,11 @@ def test_a_killed_sweep_continues_without_redoing_finished_trials(toy_csv, tmp_p
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     retried = [t for t in trials if "retry_of" in t.user_attrs]
-    assert len(failed) <= 1 and len(retried) == len(failed)  # the trial that was running: failed, run once more
+    assert [t.number for t in failed] == running and len(retried) == 1  # the trial that was running, run again
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    for trial in failed:  # and its child run, left running by the kill, is marked so
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["trainyard.sweep.trial_state"] == "FAIL"
     assert len(done) == 4 and json.loads(again.stdout)["sweep"] == "resumed"
 
 
@@ -164,3 +173,22 @@ def test_parallel_trials_train_in_processes_of_their_own_as_they_would_alone(toy
     again = train_flow(with_params(cfg, params), force=True)
     expected = {k: v for k, v in trial.data.metrics.items() if k in again["test_metrics"]}
     assert again["test_metrics"] == pytest.approx(expected)
+
+
+def test_a_study_on_postgresql(toy_csv, state_home):
+    """The stack keeps studies in a PostgreSQL database of their own (TRAINYARD_SWEEP_STORAGE)."""
+    import optuna
+
+    from pipelines.sweep import sweep_flow
+    from tests.services import postgres_database
+
+    with postgres_database("trainyard_optuna") as (url, _name):
+        storage = url.replace("postgresql://", "postgresql+psycopg://")
+        sweep = SweepConfig(name="on-pg", space=SPACE, trials=2, pruner="none", storage=storage)
+        summary = sweep_flow(base(toy_csv, "train.epochs=2", "tracking.log_model=false"), sweep)
+        trials = optuna.load_study(study_name="on-pg", storage=storage).get_trials()
+        assert summary["trials"] == {"COMPLETE": 2} and len(trials) == 2
+        optuna.delete_study(study_name="on-pg", storage=storage)  # the engine lets go before the drop
+    assert not (state_home / "optuna.db").exists()
+    tags = MlflowClient(summary["tracking_uri"]).get_run(summary["parent_run_id"]).data.tags
+    assert tags["trainyard.sweep.storage"].startswith("postgresql+psycopg://postgres@127.0.0.1:5432/")
