@@ -65,8 +65,8 @@ def training_runs(client, experiment_id: str, limit: int, page: int = 100) -> li
 
 
 def sweep_trials(client, experiment_id: str, sweep: str) -> list:
-    """A sweep's trial runs, best first: finished ones by their objective (the sweep's direction), then the
-    pruned and the failed, newest first."""
+    """A sweep's trial runs, best first: finished ones by their objective (the sweep's direction; a tie goes
+    to the earlier trial, as Optuna's best trial does), then the pruned and the failed."""
     query = f"tags.`{keys.SWEEP_NAME}` = '{sweep}'"
     found = [
         r for r in client.search_runs([experiment_id], query, max_results=10_000) if keys.is_training_run(r.data.tags)
@@ -77,7 +77,8 @@ def sweep_trials(client, experiment_id: str, sweep: str) -> list:
     def rank(run) -> tuple:
         value = run.data.metrics.get(keys.SWEEP_OBJECTIVE)
         sign = -1.0 if run.data.tags.get(keys.SWEEP_DIRECTION) == "maximize" else 1.0
-        return (value is None, sign * value if value is not None else 0.0, -run.info.start_time)
+        number = int(run.data.tags.get(keys.SWEEP_TRIAL, "0"))
+        return (value is None, sign * value if value is not None else 0.0, number)
 
     return sorted(found, key=rank)
 

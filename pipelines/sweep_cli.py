@@ -71,7 +71,9 @@ def print_sweep(summary: dict, out=None) -> None:
     rows += [("best value", f"{summary['best_value']:.4f}")]
     rows += [(f"best {k}", json.dumps(v)) for k, v in summary["best_params"].items()]
     if summary.get("champion"):
-        rows.append(("champion gate", summary["champion"].get("reason", "")))
+        gate = summary["champion"]
+        outcome = "promoted to champion" if gate["promoted"] else "stays challenger"
+        rows.append(("champion gate", f"{gate['model_name']} v{gate['version']} {outcome} ({gate['reason']})"))
     _print_rows(rows, out or sys.stdout)
 
 
