@@ -192,3 +192,14 @@ def test_a_study_on_postgresql(toy_csv, state_home):
     assert not (state_home / "optuna.db").exists()
     tags = MlflowClient(summary["tracking_uri"]).get_run(summary["parent_run_id"]).data.tags
     assert tags["trainyard.sweep.storage"].startswith("postgresql+psycopg://postgres@127.0.0.1:5432/")
+
+
+def test_the_summary_table_names_the_best_trial_and_the_gate(capsys):
+    from pipelines.sweep_cli import print_sweep
+
+    gate = {"model_name": "trainyard", "version": "3", "promoted": False, "reason": "test/accuracy 0.9 < 0.95"}
+    summary = {"sweep": "s", "parent_run_id": "p1", "trials": {"COMPLETE": 2}, "best_trial": 1, "best_run_id": "r1"}
+    print_sweep({**summary, "best_value": 0.9, "best_params": {"model.hidden": [64, 64]}, "champion": gate})
+    out = capsys.readouterr().out
+    assert "best model.hidden  [64, 64]" in out
+    assert "champion gate      trainyard v3 stays challenger (test/accuracy 0.9 < 0.95)" in out
