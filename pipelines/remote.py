@@ -39,7 +39,12 @@ def handoff_prefix(run_id: str) -> str:
 
 @flow(name=TRAIN_STEP_FLOW, validate_parameters=True)
 def train_step_flow(
-    cfg: TrainConfig, dataset_key: str, run_id: str, tracking_uri: str, storage_uri: str
+    cfg: TrainConfig,
+    dataset_key: str,
+    run_id: str,
+    tracking_uri: str,
+    storage_uri: str,
+    trial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one model for an existing MLflow run on this worker; hand the result back through the store.
 
@@ -49,6 +54,8 @@ def train_step_flow(
         run_id: the MLflow run to log into.
         tracking_uri: the MLflow tracking URI.
         storage_uri: the shared artifact store (s3://...).
+        trial: a sweep's trial (study, storage, pruner, trial_id, monitor) to report each epoch to; a
+            pruned trial leaves `pruned.json` as its handoff.
     """
     store = store_for(cfg, storage_uri)
     state = state_dir()
@@ -56,7 +63,16 @@ def train_step_flow(
     work = state / "runs" / run_id  # a rerun of this step on this worker resumes from work/checkpoints
     work.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(run_id, "", work, work / "tensorboard", tracking_uri, storage_uri, state)
-    result = training.train(cfg, ctx, dataset_ref(folder, dataset_key, reused=True))
+    dataset = dataset_ref(folder, dataset_key, reused=True)
+    if trial:
+        from pipelines.sweep_study import pruned_handoff, reporter
+
+        with pruned_handoff(store, handoff_prefix(run_id), work) as handed:
+            result = training.train(cfg, ctx, dataset, observe=reporter(**trial))
+        if handed.pruned:
+            return {"handoff": f"{store.uri}/{handoff_prefix(run_id)}", "pruned": True}
+    else:
+        result = training.train(cfg, ctx, dataset)
     return {"handoff": publish_handoff(store, ctx, result), "best_epoch": result.best_epoch}
 
 
@@ -123,7 +139,9 @@ def step_job_variables(cfg: TrainConfig) -> dict[str, Any] | None:
     return {"gpu_count": nproc} if isinstance(nproc, int) and nproc > 1 else None
 
 
-def _run_step(deployment: str, cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, start_timeout: float):
+def _run_step(
+    deployment: str, cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, start_timeout: float, trial: dict | None
+):
     """Start the step's flow run and wait until it is final; cancel it when the wait fails or is stopped."""
     parameters = {
         "cfg": cfg.model_dump(mode="json"),
@@ -132,6 +150,8 @@ def _run_step(deployment: str, cfg: TrainConfig, ctx: RunContext, dataset: Datas
         "tracking_uri": ctx.tracking_uri,
         "storage_uri": ctx.storage_uri,
     }
+    if trial:
+        parameters["trial"] = trial
     # timeout=0: returns once the step's flow run exists; waited for below
     flow_run = run_deployment(deployment, parameters=parameters, timeout=0, job_variables=step_job_variables(cfg))
     try:
@@ -163,18 +183,27 @@ def _take_handoff(store: ArtifactStore, deployment: str, ctx: RunContext) -> Tra
 
 
 def train_remotely(
-    deployment: str, cfg: TrainConfig, ctx: RunContext, dataset: DatasetRef, start_timeout: float = 600.0
+    deployment: str,
+    cfg: TrainConfig,
+    ctx: RunContext,
+    dataset: DatasetRef,
+    start_timeout: float = 600.0,
+    trial: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Run the train step as `deployment` (e.g. 'trainyard-train-step/gpu') and bring its output here;
-    fail (and cancel the step) when no worker starts it within `start_timeout` seconds."""
+    fail (and cancel the step) when no worker starts it within `start_timeout` seconds. With a sweep's
+    `trial` the step reports each epoch to its study; a step that the study pruned raises TrialPruned."""
     store = store_for(cfg, ctx.storage_uri)
     if not store.remote:
         raise RemoteTrainingError(
             f"training on deployment {deployment!r} needs a shared artifact store (storage.uri=s3://...), "
             f"not {store.uri}"
         )
-    flow_run = _run_step(deployment, cfg, ctx, dataset, start_timeout)
-    result = _take_handoff(store, deployment, ctx)
+    flow_run = _run_step(deployment, cfg, ctx, dataset, start_timeout, trial)
     tags = {keys.TRAIN_DEPLOYMENT: deployment, keys.TRAIN_FLOW_RUN_ID: str(flow_run.id)}
     tracking.set_tags(ctx.tracking_uri, ctx.run_id, tags)
-    return result
+    if trial:
+        from pipelines.sweep_study import raise_if_pruned
+
+        raise_if_pruned(store, handoff_prefix(ctx.run_id))
+    return _take_handoff(store, deployment, ctx)

@@ -26,12 +26,12 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines import champion_gate, lifecycle, prepare, publish, training
 from pipelines.config import TrainConfig, resolve_storage_uri, resolve_tracking_uri, state_dir
-from pipelines.context import RunContext, run_context
+from pipelines.context import RunContext, run_context, store_for
 from pipelines.provenance import config_hash, run_tags
 from pipelines.sweep_space import check_space, decoded, suggest, with_params
 from pipelines.sweep_study import RUN_ID, open_study, pruner, redacted, storage_url, trials_left
 from tasks import keys, tracking
-from tasks.errors import TrainyardError
+from tasks.errors import ConfigError, TrainyardError
 from tasks.results import DatasetRef, TrainResult
 from tasks.sweep_config import SweepConfig
 
@@ -109,6 +109,8 @@ class TrialSpec:
     parent: RunContext
     dataset: DatasetRef
     threads: int = 0  # torch's threads in a worker process: the cores shared out among the parallel trials
+    deployment: str = ""  # train on this deployment (the gpu pool's train step) instead of in this process
+    start_timeout: float = 600.0
 
 
 def run_trial(spec: TrialSpec) -> dict[str, Any]:
@@ -127,7 +129,7 @@ def run_trial(spec: TrialSpec) -> dict[str, Any]:
     outcome: dict[str, Any] = {"number": spec.number, "run_id": ctx.run_id}
     cfg, dataset = spec.cfg, spec.dataset
     try:
-        result = training.train(cfg, ctx, dataset, observe=_pruning(trial, _monitor(cfg, dataset)))
+        result = _train(spec, trial, ctx)
         evaluation = training.evaluate(cfg, ctx, dataset, result)
         stored = publish.store_artifacts(cfg, ctx, dataset, result, evaluation)
         publish.log_reports(cfg, ctx, dataset, evaluation, stored, int(result.history[-1]["epoch"]))
@@ -149,6 +151,19 @@ def run_trial(spec: TrialSpec) -> dict[str, Any]:
     return {**outcome, "state": "COMPLETE", "value": result.best_metric}
 
 
+def _train(spec: TrialSpec, trial, ctx: RunContext) -> TrainResult:
+    """Train the trial here (pruned through its epoch callback), or as a run of the train-step deployment,
+    which reports to the study itself."""
+    monitor = _monitor(spec.cfg, spec.dataset)
+    if not spec.deployment:
+        return training.train(spec.cfg, ctx, spec.dataset, observe=_pruning(trial, monitor))
+    from pipelines.remote import train_remotely
+
+    report = {"study": spec.study, "storage": spec.storage, "pruner_name": spec.pruner, "trial_id": spec.trial_id}
+    report["monitor"] = monitor
+    return train_remotely(spec.deployment, spec.cfg, ctx, spec.dataset, spec.start_timeout, trial=report)
+
+
 def _monitor(cfg: TrainConfig, dataset: DatasetRef) -> str:
     classification = dataset.task == "classification"
     return keys.VAL_ACCURACY if classification and cfg.train.monitor == "auto" else keys.VAL_LOSS
@@ -165,7 +180,8 @@ def _ask(study, cfg: TrainConfig, sweep: SweepConfig, url: str, parent: RunConte
     # the trial's storage id: a worker reports to it through optuna.trial.Trial(study, id)
     spec = (study.study_name, url, sweep.pruner, trial._trial_id, trial.number, direction, parent, dataset)
     threads = max(1, (os.cpu_count() or 1) // sweep.parallel) if sweep.parallel > 1 else 0
-    return TrialSpec(trial_cfg, *spec, threads=threads)
+    remote = {"deployment": sweep.train_deployment, "start_timeout": sweep.train_start_timeout}
+    return TrialSpec(trial_cfg, *spec, threads=0 if sweep.train_deployment else threads, **remote)
 
 
 def _tell(study, spec: TrialSpec, future) -> dict[str, Any]:
@@ -183,12 +199,15 @@ def _tell(study, spec: TrialSpec, future) -> dict[str, Any]:
     return outcome
 
 
-def _runner(parallel: int):
-    """Trials in worker processes of their own when several run at once (each process's random generators
-    are its own, so a trial trains as it would alone); one at a time in this process otherwise."""
+def _runner(sweep: SweepConfig):
+    """Trials in worker processes of their own when several train here at once (each process's random
+    generators are its own, so a trial trains as it would alone); one at a time in this process otherwise;
+    threads that wait for the train-step deployment's runs when the trials train there."""
     from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-    return ProcessPoolTaskRunner(max_workers=parallel) if parallel > 1 else ThreadPoolTaskRunner(max_workers=1)
+    if sweep.parallel > 1 and not sweep.train_deployment:
+        return ProcessPoolTaskRunner(max_workers=sweep.parallel)
+    return ThreadPoolTaskRunner(max_workers=sweep.parallel)
 
 
 def _run_trials(study, cfg: TrainConfig, sweep: SweepConfig, url: str, parent: RunContext, dataset: DatasetRef) -> list:
@@ -196,7 +215,7 @@ def _run_trials(study, cfg: TrainConfig, sweep: SweepConfig, url: str, parent: R
     from prefect.futures import as_completed
 
     outcomes, left, pending = [], trials_left(study, sweep.trials), {}
-    with _runner(sweep.parallel) as runner:
+    with _runner(sweep) as runner:
         while left > 0 or pending:
             while left > 0 and len(pending) < sweep.parallel:
                 spec = _ask(study, cfg, sweep, url, parent, dataset)
@@ -240,6 +259,11 @@ def sweep_flow(cfg: TrainConfig = DEFAULT_CONFIG, sweep: SweepConfig = DEFAULT_S
     tracking.configure_mlflow_client()
     lifecycle.preflight(cfg, tracking_uri, storage_uri)
     check_space(cfg, sweep)
+    if sweep.train_deployment and not store_for(cfg, storage_uri).remote:
+        raise ConfigError(
+            f"sweep.train_deployment={sweep.train_deployment!r} hands each trial to another worker through the "
+            "artifact store: set storage.uri to an s3:// store"
+        )
     name, url = sweep_name(cfg, sweep), storage_url(sweep, state)
     parent = run_context(cfg, state, tracking_uri, storage_uri, _parent(cfg, sweep, name, tracking_uri, url))
     try:

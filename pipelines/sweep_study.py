@@ -9,6 +9,8 @@ FAIL and enqueued once more with its params.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -100,3 +102,53 @@ def trials_left(study, wanted: int) -> int:
     done = sum(1 for t in trials if t.state.is_finished() and t.number not in retried)
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
     return max(wanted - done - waiting, 0) + waiting
+
+
+# ---- a trial trained by the gpu pool's train-step deployment -------------------------------------------
+
+PRUNED_FILE = "pruned.json"
+
+
+def reporter(study: str, storage: str, pruner_name: str, trial_id: int, monitor: str):
+    """An epoch callback that reports `monitor` to the trial and raises TrialPruned when the study prunes
+    it: for the process that trains the trial, which may be another machine's (it needs the storage)."""
+    import optuna
+
+    loaded = optuna.load_study(study_name=study, storage=storage, pruner=pruner(pruner_name))
+    trial = optuna.trial.Trial(loaded, trial_id)
+
+    def observe(epoch: int, metrics: dict[str, float]) -> None:
+        trial.report(metrics[monitor], epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"{monitor} {metrics[monitor]:.4g} after epoch {epoch} trails the median")
+
+    return observe
+
+
+class _Handed:
+    pruned = False
+
+
+@contextlib.contextmanager
+def pruned_handoff(store, prefix: str, work: Path):
+    """Around a remote trial's training: a TrialPruned leaves `pruned.json` as the step's handoff (the
+    step completes; the parent tells a pruned trial from a failed one by it)."""
+    import optuna
+
+    handed = _Handed()
+    try:
+        yield handed
+    except optuna.TrialPruned as exc:
+        path = work / PRUNED_FILE
+        path.write_text(json.dumps({"message": str(exc)}), encoding="utf-8")
+        store.publish(prefix, {PRUNED_FILE: str(path)})
+        handed.pruned = True
+
+
+def raise_if_pruned(store, prefix: str) -> None:
+    """Raise TrialPruned when the remote step's handoff says its trial was pruned."""
+    import optuna
+
+    manifest = store.read_manifest(prefix) or {}
+    if PRUNED_FILE in manifest:
+        raise optuna.TrialPruned("pruned by the study while training on the train-step deployment")

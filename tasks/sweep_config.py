@@ -65,6 +65,20 @@ class SweepConfig(BaseModel):
         "median", title="Pruner", description="median: stop a trial whose validation metric trails the median."
     )
     seed: int = Field(0, ge=0, title="Sampler seed", description="Seed of the sampler's draws.")
+    train_deployment: str = Field(
+        "",
+        title="Train on deployment",
+        description="Train each trial as a run of this deployment (e.g. trainyard-train-step/gpu, one trial per "
+        "free GPU slot of its pool) instead of here; needs an s3:// storage.uri and a study storage the workers "
+        "reach (PostgreSQL).",
+    )
+    train_start_timeout: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        title="Step start timeout",
+        description="With train_deployment: seconds a trial's step may wait for a worker to start it.",
+    )
     storage: str = Field(
         "",
         title="Study storage",

@@ -331,6 +331,41 @@ def test_training_step_runs_on_the_gpu_pool(stack, toy_csv):
     assert f"runs/{experiment}/{mrun.info.run_id}/manifest.json" in keys
 
 
+def test_sweep_trials_train_on_the_gpu_pool(stack, toy_csv):
+    from pipelines.config import TrainConfig
+    from pipelines.sweep import sweep_flow
+    from tasks.sweep_config import SweepConfig
+
+    experiment = f"orch-sweep-{uuid.uuid4().hex[:6]}"
+    params = csv_parameters(stack, toy_csv, experiment, epochs=2, min_steps=0, early_stopping=0)
+    params["cfg"]["storage"].update(uri=f"s3://{BUCKET}/runs", endpoint_url=stack["s3"].url)
+    space = {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    sweep = SweepConfig(
+        name=experiment,
+        space=space,
+        trials=2,
+        pruner="median",
+        storage=f"sqlite:///{stack['root'] / 'optuna.db'}",  # the gpu pool's worker runs on this machine
+        train_deployment="trainyard-train-step/gpu",
+    )
+    with client_for(stack) as client:
+        summary = sweep_flow(TrainConfig.model_validate(params["cfg"]), sweep)
+        assert summary["trials"] == {"COMPLETE": 2}
+        mlflow = MlflowClient(f"sqlite:///{stack['root'] / 'mlflow.db'}")
+        query = f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'"
+        trials = mlflow.search_runs([mlflow.get_experiment_by_name(experiment).experiment_id], query)
+        assert len(trials) == 2
+        gpu = client.read_deployment_by_name("trainyard-train-step/gpu")
+        for trial in trials:  # each trained by a run of the gpu pool's train step, which reported to the study
+            assert trial.data.tags["train.deployment"] == "trainyard-train-step/gpu"
+            assert client.read_flow_run(trial.data.tags["train.flow_run_id"]).deployment_id == gpu.id
+            assert [m.step for m in mlflow.get_metric_history(trial.info.run_id, "train/loss")] == [1, 2]
+    import optuna
+
+    reported = optuna.load_study(study_name=experiment, storage=sweep.storage).get_trials()
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in reported)
+
+
 def test_a_train_step_no_worker_starts_fails_the_wait_and_is_cancelled(stack, toy_csv):
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -203,3 +203,20 @@ def test_the_summary_table_names_the_best_trial_and_the_gate(capsys):
     out = capsys.readouterr().out
     assert "best model.hidden  [64, 64]" in out
     assert "champion gate      trainyard v3 stays challenger (test/accuracy 0.9 < 0.95)" in out
+
+
+def test_a_trial_pruned_on_another_worker_is_told_apart_from_a_failed_one(tmp_path):
+    import optuna
+
+    from pipelines.sweep_study import pruned_handoff, raise_if_pruned
+    from tasks.storage import open_store
+
+    store = open_store((tmp_path / "store").as_uri())
+    with pruned_handoff(store, "handoffs/run-1", tmp_path) as handed:
+        raise optuna.TrialPruned("val/accuracy 0.5 after epoch 2 trails the median")
+    assert handed.pruned
+    with pytest.raises(optuna.TrialPruned):
+        raise_if_pruned(store, "handoffs/run-1")
+    raise_if_pruned(store, "handoffs/run-2")  # a step that trained to the end left no such file
+    with pytest.raises(RuntimeError), pruned_handoff(store, "handoffs/run-3", tmp_path):
+        raise RuntimeError("not a pruning: it goes on up")
