@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     storage_help = "Optuna storage URL (default: $TRAINYARD_SWEEP_STORAGE, else <state>/optuna.db)"
     parser.add_argument("--storage", default="", help=storage_help)
+    deployment_help = "train each trial as a run of this deployment (e.g. trainyard-train-step/gpu)"
+    parser.add_argument("--train-deployment", default="", help=deployment_help)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
 
 
@@ -58,7 +60,8 @@ def _space(path: str) -> dict:
 
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
     """The sweep's settings from the command line; a bad one is a ConfigError naming it."""
-    values = {k: getattr(args, k) for k in ("name", "trials", "parallel", "sampler", "pruner", "seed", "storage")}
+    names = ("name", "trials", "parallel", "sampler", "pruner", "seed", "storage", "train_deployment")
+    values = {k: getattr(args, k) for k in names}
     try:
         return SweepConfig(space=_space(args.space), **values)
     except ValidationError as exc:

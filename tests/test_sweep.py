@@ -220,3 +220,21 @@ def test_a_trial_pruned_on_another_worker_is_told_apart_from_a_failed_one(tmp_pa
     raise_if_pruned(store, "handoffs/run-2")  # a step that trained to the end left no such file
     with pytest.raises(RuntimeError), pruned_handoff(store, "handoffs/run-3", tmp_path):
         raise RuntimeError("not a pruning: it goes on up")
+
+
+def test_the_command_line_refuses_a_bad_space_file_in_one_line(tmp_path, capsys):
+    from pipelines.cli import main
+    from pipelines.sweep_cli import sweep_config
+
+    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 1, high: 0.1}\n", encoding="utf-8")
+    argv = ["sweep", "--preset", "csv", "--set", "data.path=x.csv", "--set", "data.target=y"]
+    assert main([*argv, "--space", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip().startswith("trainyard sweep: --space ")
+    assert main([*argv, "--space", str(tmp_path / "space.yaml")]) == 2
+    assert "expected low <= high, got low=1.0 and high=0.1" in capsys.readouterr().err
+    (tmp_path / "space.yaml").write_text("optim.lr: {type: float, low: 0.001, high: 0.1}\n", encoding="utf-8")
+    import argparse
+
+    args = argparse.Namespace(space=str(tmp_path / "space.yaml"), name="", trials=4, parallel=2, sampler="random")
+    args.__dict__.update(pruner="none", seed=0, storage="", train_deployment="trainyard-train-step/gpu")
+    assert sweep_config(args).train_deployment == "trainyard-train-step/gpu"
