@@ -212,22 +212,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def _read_yaml(config_file: str | os.PathLike) -> dict[str, Any]:
+def read_yaml(
+    config_file: str | os.PathLike, what: str = "config file", holds: str = "a mapping of sections"
+) -> dict[str, Any]:
+    """A YAML mapping from a file (`what` names it in the errors: a config file, a sweep's space)."""
     path = Path(config_file)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
     except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a folder; expected a YAML file") from None
+        raise ConfigError(f"{what} {path} is a folder; expected a YAML file") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from None
+        raise ConfigError(f"{what} {path} is not UTF-8 text: {exc}") from None
     try:
         loaded = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(loaded).__name__}")
+        raise ConfigError(f"{what} {path}: expected {holds}, got {type(loaded).__name__}")
     return loaded
 
 
@@ -287,7 +290,7 @@ def load_config(
         base = PRESETS[preset]()
         origin = f"preset {preset}"
     if config_file:
-        user = _read_yaml(config_file)
+        user = read_yaml(config_file)
         origin = f"{origin} + {config_file}" if preset else str(config_file)
     if env.get("MLFLOW_TRACKING_URI"):
         user = _deep_merge(user, {"tracking": {"uri": env["MLFLOW_TRACKING_URI"]}})

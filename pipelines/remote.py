@@ -32,6 +32,11 @@ TRAIN_STEP_FLOW = "trainyard-train-step"
 log = logging.getLogger("trainyard.remote")
 
 
+def handoff_uri(store: ArtifactStore, run_id: str) -> str:
+    """Where a run's handoff is, as a URI (what the step returns and its log names)."""
+    return f"{store.uri}/{handoff_prefix(run_id)}"
+
+
 def handoff_prefix(run_id: str) -> str:
     """Where the step leaves its result in the store: `handoffs/<run-id>`."""
     return f"handoffs/{run_id}"
@@ -70,7 +75,7 @@ def train_step_flow(
         with pruned_handoff(store, handoff_prefix(run_id), work) as handed:
             result = training.train(cfg, ctx, dataset, observe=reporter(**trial))
         if handed.pruned:
-            return {"handoff": f"{store.uri}/{handoff_prefix(run_id)}", "pruned": True}
+            return {"handoff": handoff_uri(store, run_id), "pruned": True}
     else:
         result = training.train(cfg, ctx, dataset)
     return {"handoff": publish_handoff(store, ctx, result), "best_epoch": result.best_epoch}
@@ -83,7 +88,7 @@ def publish_handoff(store: ArtifactStore, ctx: RunContext, result: TrainResult) 
     path.write_text(json.dumps(result.to_dict()), encoding="utf-8")
     files = {"best.pt": result.checkpoint, "result.json": str(path), **tensorboard_files(ctx.tb_dir)}
     store.publish(handoff_prefix(ctx.run_id), files)
-    return f"{store.uri}/{handoff_prefix(ctx.run_id)}"
+    return handoff_uri(store, ctx.run_id)
 
 
 def wait_for_step(flow_run_id, deployment: str, start_timeout: float, poll: float = 2.0):

@@ -29,11 +29,12 @@ from pipelines.config import TrainConfig, resolve_storage_uri, resolve_tracking_
 from pipelines.context import RunContext, run_context, store_for
 from pipelines.provenance import config_hash, run_tags
 from pipelines.sweep_space import check_space, decoded, suggest, with_params
-from pipelines.sweep_study import RUN_ID, open_study, pruner, redacted, storage_url, trials_left
+from pipelines.sweep_study import RUN_ID, open_study, pruning, redacted, storage_url, trial_of, trials_left
 from tasks import keys, tracking
 from tasks.errors import ConfigError, TrainyardError
 from tasks.results import DatasetRef, TrainResult
 from tasks.sweep_config import SweepConfig
+from tasks.train_config import maximizes
 
 log = logging.getLogger("trainyard.sweep")
 DEFAULT_CONFIG = TrainConfig()
@@ -78,20 +79,10 @@ def _child(cfg: TrainConfig, parent: RunContext, name: str, number: int, directi
     return run_context(cfg, parent.state, parent.tracking_uri, parent.storage_uri, run_id)
 
 
-def _pruning(trial, monitor: str):
-    def observe(epoch: int, metrics: dict[str, float]) -> None:
-        import optuna
-
-        trial.report(metrics[monitor], epoch)
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"{monitor} {metrics[monitor]:.4g} after epoch {epoch} trails the median")
-
-    return observe
-
-
-def _end(ctx: RunContext, status: str, state: str) -> None:
-    tracking.set_tags(ctx.tracking_uri, ctx.run_id, {keys.SWEEP_TRIAL_STATE: state})
-    tracking.end_run(ctx.tracking_uri, ctx.run_id, status)
+def _end(tracking_uri: str, run_id: str, status: str, state: str) -> None:
+    """A trial's child run ended: its MLflow status and its state in the study (COMPLETE, PRUNED, FAIL)."""
+    tracking.set_tags(tracking_uri, run_id, {keys.SWEEP_TRIAL_STATE: state})
+    tracking.end_run(tracking_uri, run_id, status)
 
 
 @dataclass(frozen=True)
@@ -122,8 +113,7 @@ def run_trial(spec: TrialSpec) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(spec.threads)
-    study = optuna.load_study(study_name=spec.study, storage=spec.storage, pruner=pruner(spec.pruner))
-    trial = optuna.trial.Trial(study, spec.trial_id)
+    trial = trial_of(spec.study, spec.storage, spec.pruner, spec.trial_id)
     ctx = _child(spec.cfg, spec.parent, spec.study, spec.number, spec.direction)
     trial.set_user_attr(RUN_ID, ctx.run_id)
     outcome: dict[str, Any] = {"number": spec.number, "run_id": ctx.run_id}
@@ -135,10 +125,10 @@ def run_trial(spec: TrialSpec) -> dict[str, Any]:
         publish.log_reports(cfg, ctx, dataset, evaluation, stored, int(result.history[-1]["epoch"]))
     except optuna.TrialPruned as exc:
         log.info("sweep %s: trial %d pruned: %s", spec.study, spec.number, exc)
-        _end(ctx, keys.KILLED, "PRUNED")
+        _end(ctx.tracking_uri, ctx.run_id, keys.KILLED, "PRUNED")
         return {**outcome, "state": "PRUNED"}
     except BaseException as exc:
-        _end(ctx, keys.KILLED if lifecycle.interrupted(exc) else keys.FAILED, "FAIL")
+        _end(ctx.tracking_uri, ctx.run_id, keys.KILLED if lifecycle.interrupted(exc) else keys.FAILED, "FAIL")
         if not isinstance(exc, TrainyardError):  # a trial that cannot train (NaN, say) does not end the sweep
             raise
         log.warning("sweep %s: trial %d failed: %s", spec.study, spec.number, exc)
@@ -147,7 +137,7 @@ def run_trial(spec: TrialSpec) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(ctx.tracking_uri).log_metric(ctx.run_id, keys.SWEEP_OBJECTIVE, float(result.best_metric))
-    _end(ctx, keys.FINISHED, "COMPLETE")
+    _end(ctx.tracking_uri, ctx.run_id, keys.FINISHED, "COMPLETE")
     return {**outcome, "state": "COMPLETE", "value": result.best_metric}
 
 
@@ -156,7 +146,7 @@ def _train(spec: TrialSpec, trial, ctx: RunContext) -> TrainResult:
     which reports to the study itself."""
     monitor = _monitor(spec.cfg, spec.dataset)
     if not spec.deployment:
-        return training.train(spec.cfg, ctx, spec.dataset, observe=_pruning(trial, monitor))
+        return training.train(spec.cfg, ctx, spec.dataset, observe=pruning(trial, monitor))
     from pipelines.remote import train_remotely
 
     report = {"study": spec.study, "storage": spec.storage, "pruner_name": spec.pruner, "trial_id": spec.trial_id}
@@ -165,8 +155,7 @@ def _train(spec: TrialSpec, trial, ctx: RunContext) -> TrainResult:
 
 
 def _monitor(cfg: TrainConfig, dataset: DatasetRef) -> str:
-    classification = dataset.task == "classification"
-    return keys.VAL_ACCURACY if classification and cfg.train.monitor == "auto" else keys.VAL_LOSS
+    return keys.VAL_ACCURACY if maximizes(dataset.task, cfg.train.monitor) else keys.VAL_LOSS
 
 
 trial_task = task(run_trial, name="trial", cache_policy=NO_CACHE)
@@ -268,11 +257,9 @@ def sweep_flow(cfg: TrainConfig = DEFAULT_CONFIG, sweep: SweepConfig = DEFAULT_S
     parent = run_context(cfg, state, tracking_uri, storage_uri, _parent(cfg, sweep, name, tracking_uri, url))
     try:
         dataset = prepare.ingest_data(cfg, parent)
-        maximize = dataset.task == "classification" and cfg.train.monitor == "auto"
-        study, stale = open_study(sweep, name, url, maximize)
+        study, stale = open_study(sweep, name, url, maximizes(dataset.task, cfg.train.monitor))
         for run_id in stale:  # the child runs of trials a killed sweep left running
-            tracking.set_tags(tracking_uri, run_id, {keys.SWEEP_TRIAL_STATE: "FAIL"})
-            tracking.end_run(tracking_uri, run_id, keys.FAILED)
+            _end(tracking_uri, run_id, keys.FAILED, "FAIL")
         outcomes = _run_trials(study, cfg, sweep, url, parent, dataset)
         summary = _best(study, cfg, sweep, parent, dataset)
     except BaseException as exc:

@@ -17,12 +17,10 @@ import argparse
 import contextlib
 import json
 import sys
-from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from pipelines.config import TrainConfig, _format_validation_error
+from pipelines.config import TrainConfig, _format_validation_error, read_yaml
 from pipelines.summaries import _print_rows
 from tasks.errors import ConfigError
 from tasks.sweep_config import SweepConfig
@@ -46,24 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
 
 
-def _space(path: str) -> dict:
-    try:
-        space = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"--space {path}: cannot be read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--space {path}: not YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(space, dict):
-        raise ConfigError(f"--space {path}: expected a mapping of config keys to ranges or choices")
-    return space
-
-
 def sweep_config(args: argparse.Namespace) -> SweepConfig:
     """The sweep's settings from the command line; a bad one is a ConfigError naming it."""
     names = ("name", "trials", "parallel", "sampler", "pruner", "seed", "storage", "train_deployment")
     values = {k: getattr(args, k) for k in names}
     try:
-        return SweepConfig(space=_space(args.space), **values)
+        space = read_yaml(args.space, "--space file", "a mapping of config keys to ranges or choices")
+        return SweepConfig(space=space, **values)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, f"--space {args.space} and the sweep options")) from None
 

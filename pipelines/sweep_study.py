@@ -109,13 +109,23 @@ def trials_left(study, wanted: int) -> int:
 PRUNED_FILE = "pruned.json"
 
 
-def reporter(study: str, storage: str, pruner_name: str, trial_id: int, monitor: str):
-    """An epoch callback that reports `monitor` to the trial and raises TrialPruned when the study prunes
-    it: for the process that trains the trial, which may be another machine's (it needs the storage)."""
+def trial_of(study: str, storage: str, pruner_name: str, trial_id: int):
+    """A trial the flow asked for, in the process that trains it (another process, or another machine's,
+    which needs the storage), with the sweep's pruner to judge its reports."""
     import optuna
 
     loaded = optuna.load_study(study_name=study, storage=storage, pruner=pruner(pruner_name))
-    trial = optuna.trial.Trial(loaded, trial_id)
+    return optuna.trial.Trial(loaded, trial_id)
+
+
+def reporter(study: str, storage: str, pruner_name: str, trial_id: int, monitor: str):
+    """`pruning` of the trial named by the train-step deployment's `trial` parameter."""
+    return pruning(trial_of(study, storage, pruner_name, trial_id), monitor)
+
+
+def pruning(trial, monitor: str):
+    """An epoch callback that reports `monitor` to the trial and raises TrialPruned when the study prunes it."""
+    import optuna
 
     def observe(epoch: int, metrics: dict[str, float]) -> None:
         trial.report(metrics[monitor], epoch)

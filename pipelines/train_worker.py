@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from pipelines.config import TrainConfig, _format_validation_error, state_dir
 from pipelines.context import RunContext, store_for
-from pipelines.remote import _take_handoff, handoff_prefix, publish_handoff
+from pipelines.remote import _take_handoff, handoff_uri, publish_handoff
 from pipelines.training import rank_job, resume_point, shared_store
 from tasks.errors import ConfigError, TrainyardError
 from tasks.ingest import fetch_prepared
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             resume_point(ctx, shared_store(cfg, ctx))
         result = train_and_hand_off(cfg, ctx, str(folder))
         if result is not None:
-            handoff = f"{store.uri}/{handoff_prefix(ctx.run_id)}"
-            print(json.dumps({"handoff": handoff, "best_epoch": result.best_epoch}))
+            print(json.dumps({"handoff": handoff_uri(store, ctx.run_id), "best_epoch": result.best_epoch}))
     except TrainyardError as exc:  # one line; the launcher reports the failed process and ends the others
         print(f"trainyard train worker (rank {rank}): {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -160,6 +160,12 @@ class TrainSection(Section):
         return self
 
 
+def maximizes(task: str, monitor: str) -> bool:
+    """Whether a run's monitored validation metric is val/accuracy, maximised (classification with
+    train.monitor=auto), rather than val/loss, minimised."""
+    return task == "classification" and monitor == "auto"
+
+
 def cuda_graph_refusal(optim_cfg: OptimConfig, sched_cfg: ScheduleConfig, train_cfg: TrainSection) -> str:
     """Why a run with these settings cannot record its step into a CUDA graph; "" when it can."""
     optim, kwargs, precision = optim_cfg.name, optim_cfg.kwargs, train_cfg.precision

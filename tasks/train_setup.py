@@ -31,7 +31,7 @@ from tasks.optim_config import OptimConfig, ScheduleConfig
 from tasks.optimisation import Schedule, build_optimizer, build_scheduler, loss_for, scaled_lr
 from tasks.prepared import Prepared
 from tasks.runtime import pick_device, pick_precision, place_model, seed_everything
-from tasks.train_config import TrainSection, cuda_graph_refusal
+from tasks.train_config import TrainSection, cuda_graph_refusal, maximizes
 
 log = logging.getLogger("trainyard.train")
 
@@ -193,7 +193,7 @@ def setup(
     source = make_batches(prepared, sized, device, channels_last=channels_last, world=world)
     epochs = epochs_for(train_cfg, len(source.train))
     classification = schema["task"] == "classification"
-    maximize = classification and train_cfg.monitor == "auto"  # accuracy; else the loss, minimised
+    maximize = maximizes(schema["task"], train_cfg.monitor)  # accuracy; else the loss, minimised
     run_fingerprint = fingerprint(model_cfg, optim_cfg, sched_cfg, train_cfg, schema.get("key", ""), size)
     optim_cfg, sched_cfg = scaled_lr(optim_cfg, sched_cfg, train_cfg.distributed.lr_factor(size))
     optimizer = build_optimizer(model.parameters(), optim_cfg, device)

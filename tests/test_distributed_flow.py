@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrainConfig, load_config
 from tasks.prepared import save_prepared
+from tests.services import free_port
 from tests.test_train import blobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +40,6 @@ def test_two_processes_through_the_flow_make_one_run(toy_csv, state_home):
     from tests.test_flow import tb_events
 
     assert [e.step for e in tb_events(Path(summary["tensorboard_dir"])).Scalars("train/loss")] == list(range(1, 7))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_on_loopback_meet_by_c10d_rendezvous(tmp_path):
